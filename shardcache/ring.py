@@ -1,0 +1,427 @@
+"""The consistent-hash ring: an immutable value mapping keys to node ids.
+
+Two hashing modes:
+
+``"mmh3"`` (default)
+    Keys are hashed with MurmurHash3 (x86, 32-bit, seed 0) over their UTF-8 bytes. Each node owns
+    ``POINTS_PER_WEIGHT * weight`` points, the little-endian 32-bit words of
+    ``SHAKE-128("shardcache:" + name)``; ``name`` is the node's alias if it has one, else its node id.
+    A node's points depend only on its own name and weight, so adding, removing or reweighting one
+    node moves keys only to or from that node. A key belongs to the first point at or after the
+    start of its slot (the top ``SLOT_BITS`` bits of its hash), wrapping around; equal points go to
+    the node whose name sorts first. The ring is compiled into a table of ``2**SLOT_BITS`` slots, so
+    a lookup is one hash and two indexing operations whatever the number of nodes.
+
+``"ketama"``
+    libmemcached's ``MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED``, byte for byte: MD5; each server gets
+    ``floor(weight / total_weight * 160 / 4 * live_servers) * 4`` points computed in float32 (160 at
+    equal weights), four per MD5 digest of its point name, read as little-endian 32-bit words; a key
+    (MD5, first four bytes little-endian) belongs to the first point >= its hash, wrapping around;
+    equal points go to the server listed first. Point names follow ``ketama_naming``:
+
+    - ``"libmemcached"``: ``host-i`` when the port is 11211, ``host:port-i`` otherwise;
+    - ``"libketama"``: always ``host:port-i``;
+    - ``"spymemcached"``: ``/host:port-i``;
+    - a node with an alias (twemproxy's ``host:port:weight name``) is named ``name-i`` in every variant.
+
+Rings are immutable and safe to share between threads; ``with_node``/``without_node``/``with_weight``
+return new rings.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import operator
+import struct
+import sys
+from array import array
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from math import floor
+
+import mmh3
+
+from shardcache.errors import ConfigurationError, KeyValidationError
+from shardcache.nodes import DEFAULT_PORT, NodeSpec, NodeSpecLike, parse_node, parse_nodes
+
+__all__ = ["HASHING_MODES", "KETAMA_NAMINGS", "POINTS_PER_WEIGHT", "SLOT_BITS", "Ring", "RingDiff"]
+
+Key = str | bytes
+
+HASHING_MODES = ("mmh3", "ketama")
+KETAMA_NAMINGS = ("libmemcached", "libketama", "spymemcached")
+
+POINTS_PER_WEIGHT = 1536
+SLOT_BITS = 20
+_STRATUM = (1 << 32) // POINTS_PER_WEIGHT
+_SLOTS = 1 << SLOT_BITS
+_SLOT_SHIFT = 32 - SLOT_BITS
+_SPACE = 1 << 32
+_KETAMA_POINTS_PER_SERVER = 160
+
+_mmh3_hash = mmh3.hash
+_md5 = hashlib.md5
+_f32 = struct.Struct("f")
+
+
+def _float32(x: float) -> float:
+    return float(_f32.unpack(_f32.pack(x))[0])
+
+
+def _key_error(key: object) -> KeyValidationError:
+    return KeyValidationError(f"ring keys must be str or bytes (str must be valid UTF-8), got {key!r}")
+
+
+@dataclass(frozen=True)
+class RingDiff:
+    """What changes between two rings.
+
+    ``moved`` is the fraction of keys (of the hash space, or of the keys given to ``Ring.diff``) whose
+    owner differs; ``flows[(src, dst)]`` the fraction that moves from ``src`` to ``dst``.
+    """
+
+    moved: float
+    flows: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    keys_counted: int | None = None
+
+    def moved_from(self, node_id: str) -> float:
+        """Fraction of keys that leave ``node_id``."""
+        return sum(v for (src, _), v in self.flows.items() if src == node_id)
+
+    def moved_to(self, node_id: str) -> float:
+        """Fraction of keys that arrive on ``node_id``."""
+        return sum(v for (_, dst), v in self.flows.items() if dst == node_id)
+
+
+class Ring:
+    """An immutable consistent-hash ring over memcached nodes; safe to share between threads.
+
+    ``Ring(nodes, hashing="mmh3" | "ketama", ketama_naming="libmemcached")``. ``nodes`` is any server
+    list ``shardcache.NodeSpec`` parsing accepts. ``node_for(key)`` returns a node id.
+    """
+
+    __slots__ = (
+        "_hashing",
+        "_ids",
+        "_naming",
+        "_owners",
+        "_points",
+        "_runs",
+        "_specs",
+        "_table",
+    )
+
+    def __init__(
+        self,
+        nodes: Iterable[NodeSpecLike] | str,
+        *,
+        hashing: str = "mmh3",
+        ketama_naming: str = "libmemcached",
+    ) -> None:
+        if hashing not in HASHING_MODES:
+            raise ConfigurationError(f"hashing={hashing!r}: expected one of {', '.join(HASHING_MODES)}")
+        if ketama_naming not in KETAMA_NAMINGS:
+            raise ConfigurationError(
+                f"ketama_naming={ketama_naming!r}: expected one of {', '.join(KETAMA_NAMINGS)}"
+            )
+        self._specs: tuple[NodeSpec, ...] = parse_nodes(nodes)
+        self._hashing = hashing
+        self._naming = ketama_naming
+        self._table: array[int] | None = None
+        self._points: list[int] = []
+        self._owners: list[str] = []
+        self._runs: tuple[array[int], array[int]] = (array("I"), array("H"))
+        if hashing == "mmh3":
+            self._build_mmh3()
+        else:
+            self._build_ketama()
+
+    # -- construction -----------------------------------------------------------------------------
+
+    def _build_mmh3(self) -> None:
+        specs = sorted(self._specs, key=_hash_name)
+        self._ids: tuple[str, ...] = tuple(s.node_id for s in specs)
+        rank_bits = max(1, (len(specs) - 1).bit_length())
+        rank_mask = (1 << rank_bits) - 1
+        repeat, chain = itertools.repeat, itertools.chain
+        # One point per stratum per weight unit; each value packs the point and its node's rank, so
+        # sorting orders by point, then by name. Strata are sorted separately and concatenated.
+        bases = _stratum_bases(rank_bits)
+        columns: list[list[int]] = []
+        for rank, spec in enumerate(specs):
+            words = array("I", _point_stream(spec, POINTS_PER_WEIGHT * spec.weight))
+            for unit in range(spec.weight):
+                offsets = words[unit * POINTS_PER_WEIGHT : (unit + 1) * POINTS_PER_WEIGHT]
+                # offset within a stratum = word * stratum_width >> 32, then shifted past the rank
+                scaled = map(operator.rshift, map(operator.mul, offsets, repeat(_STRATUM)), repeat(32))
+                packed = map(operator.lshift, scaled, repeat(rank_bits))
+                if rank:
+                    packed = map(operator.or_, packed, repeat(rank))
+                columns.append(list(map(operator.add, bases, packed)))
+        values = list(chain.from_iterable(map(sorted, zip(*columns, strict=True))))
+        del columns
+        # The smallest value in each occupied slot decides the owner of that slot and of the empty
+        # slots just before it.
+        shift = _SLOT_SHIFT + rank_bits
+        slots = list(map(operator.rshift, values, repeat(shift)))
+        firsts = list(itertools.compress(values, map(operator.ne, slots, chain((-1,), slots))))
+        del values, slots
+        occupied = array("I", map(operator.rshift, firsts, repeat(shift)))
+        owners = array("H" if len(specs) <= 0xFFFF else "I", map(rank_mask.__and__, firsts))
+        lengths = map(operator.sub, occupied, chain((-1,), occupied))
+        cells = [array(owners.typecode, (rank,)).tobytes() for rank in range(len(specs))]
+        data = b"".join(map(operator.mul, map(cells.__getitem__, owners), lengths))
+        data += cells[owners[0]] * (_SLOTS - 1 - occupied[-1])
+        table = array(owners.typecode)
+        table.frombytes(data)
+        self._table = table
+        # Runs: slot ``occupied[i - 1] + 1`` (0 for the first) starts a run owned by ``owners[i]``.
+        self._runs = (occupied, owners)
+
+    def _build_ketama(self) -> None:
+        specs = self._specs
+        self._ids = tuple(s.node_id for s in specs)
+        total = _float32(float(sum(s.weight for s in specs)))
+        live = _float32(float(len(specs)))
+        items: list[tuple[int, int]] = []
+        for index, spec in enumerate(specs):
+            pct = _float32(_float32(float(spec.weight)) / total)
+            scaled = _float32(_float32(_float32(pct * _KETAMA_POINTS_PER_SERVER) / 4) * live)
+            per_server = floor(_float32(scaled + 0.0000000001)) * 4
+            for i in range(per_server // 4):
+                digest = _md5(self._ketama_name(spec, i).encode()).digest()
+                items.extend((value, index) for value in struct.unpack("<4I", digest))
+        items.sort(key=operator.itemgetter(0))  # stable: equal points keep server order
+        self._points = [value for value, _ in items]
+        self._owners = [self._ids[index] for _, index in items]
+        self._owners.append(self._owners[0])
+
+    def _ketama_name(self, spec: NodeSpec, i: int) -> str:
+        if spec.alias is not None:
+            return f"{spec.alias}-{i}"
+        if self._naming == "spymemcached":
+            return f"/{spec.host}:{spec.port}-{i}"
+        if self._naming == "libmemcached" and spec.port == DEFAULT_PORT:
+            return f"{spec.host}-{i}"
+        return f"{spec.host}:{spec.port}-{i}"
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    def node_for(self, key: Key) -> str:
+        """The node id that owns ``key`` (``str`` is hashed as UTF-8; the key prefix is not hashed)."""
+        table = self._table
+        try:
+            if table is not None:
+                return self._ids[table[_mmh3_hash(key, 0, False) >> _SLOT_SHIFT]]
+            if type(key) is str:
+                key = key.encode()
+            digest = _md5(key).digest()  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise _key_error(key) from None
+        return self._owners[bisect_left(self._points, int.from_bytes(digest[:4], "little"))]
+
+    def preference_list(self, key: Key, n: int) -> tuple[str, ...]:
+        """The owner of ``key`` then the next distinct nodes clockwise: at most ``n`` node ids."""
+        if n <= 0:
+            return ()
+        want = min(n, len(self._ids))
+        found: dict[str, None] = {}
+        for owner in self._walk(key):
+            found.setdefault(owner)
+            if len(found) == want:
+                break
+        return tuple(found)
+
+    def _walk(self, key: Key) -> Iterator[str]:
+        """Owners of the ring positions from ``key`` clockwise, once around."""
+        try:
+            if self._table is not None:
+                occupied, ranks = self._runs
+                start = bisect_left(occupied, _mmh3_hash(key, 0, False) >> _SLOT_SHIFT) % len(ranks)
+                ids = self._ids
+                runs: list[str] = [ids[r] for r in ranks]
+            else:
+                data = key.encode() if isinstance(key, str) else bytes(key)
+                runs = self._owners[:-1]
+                start = bisect_left(self._points, int.from_bytes(_md5(data).digest()[:4], "little"))
+                start %= len(runs)
+        except (TypeError, ValueError):
+            raise _key_error(key) from None
+        yield from itertools.islice(itertools.chain(runs[start:], runs[:start]), len(runs))
+
+    # -- shape ------------------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The node ids, in the order they were given."""
+        return tuple(s.node_id for s in self._specs)
+
+    @property
+    def specs(self) -> tuple[NodeSpec, ...]:
+        """The parsed node specs, in the order they were given."""
+        return self._specs
+
+    @property
+    def hashing(self) -> str:
+        """``"mmh3"`` or ``"ketama"``."""
+        return self._hashing
+
+    @property
+    def ketama_naming(self) -> str:
+        """The point-naming variant used in ketama mode."""
+        return self._naming
+
+    def spec(self, node_id: str) -> NodeSpec:
+        """The spec of ``node_id``; ``ConfigurationError`` if it is not on the ring."""
+        for s in self._specs:
+            if s.node_id == node_id:
+                return s
+        raise ConfigurationError(f"node {node_id!r} is not on the ring")
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, node_id: object) -> bool:
+        return any(s.node_id == node_id for s in self._specs)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ring):
+            return NotImplemented
+        return (self._hashing, self._naming, self._specs) == (other._hashing, other._naming, other._specs)
+
+    def __hash__(self) -> int:
+        return hash((self._hashing, self._naming, self._specs))
+
+    def __repr__(self) -> str:
+        return f"Ring({list(self.nodes)!r}, hashing={self._hashing!r})"
+
+    # -- new rings --------------------------------------------------------------------------------
+
+    def _replace(self, specs: Iterable[NodeSpec]) -> Ring:
+        return Ring(list(specs), hashing=self._hashing, ketama_naming=self._naming)
+
+    def with_node(self, spec: NodeSpecLike) -> Ring:
+        """A new ring with ``spec`` added; ``ConfigurationError`` if that node is already present."""
+        node = parse_node(spec)
+        if node.node_id in self:
+            raise ConfigurationError(f"node {node.node_id!r} is already on the ring")
+        return self._replace((*self._specs, node))
+
+    def without_node(self, node_id: str) -> Ring:
+        """A new ring without ``node_id``; ``ConfigurationError`` if absent or the last node."""
+        node_id = parse_node(node_id).node_id if node_id not in self else node_id
+        if node_id not in self:
+            raise ConfigurationError(f"node {node_id!r} is not on the ring")
+        if len(self._specs) == 1:
+            raise ConfigurationError(f"cannot remove {node_id!r}: it is the last node on the ring")
+        return self._replace(s for s in self._specs if s.node_id != node_id)
+
+    def with_weight(self, node_id: str, weight: int) -> Ring:
+        """A new ring where ``node_id`` has ``weight``."""
+        target = self.spec(node_id)
+        return self._replace(s.with_weight(weight) if s is target else s for s in self._specs)
+
+    # -- analysis ---------------------------------------------------------------------------------
+
+    def _arcs(self) -> tuple[list[int], list[str]]:
+        """Hash-space boundaries and owners: hashes in ``[b[i], b[i+1])`` belong to ``owners[i]``."""
+        if self._table is not None:
+            occupied, ranks = self._runs
+            bounds = [0]
+            bounds.extend((slot + 1) << _SLOT_SHIFT for slot in occupied)
+            owners = [self._ids[r] for r in ranks]
+            if bounds[-1] < _SPACE:
+                bounds.append(_SPACE)
+                owners.append(owners[0])
+            return bounds, owners
+        bounds = [0]
+        bounds.extend(p + 1 for p in self._points)
+        bounds.append(_SPACE)
+        return bounds, self._owners
+
+    def share(self) -> dict[str, float]:
+        """Fraction of the hash space owned by each node id (sums to 1)."""
+        totals: Counter[str] = Counter({node: 0 for node in self._ids})
+        if self._table is not None:
+            totals.update(self._ids[r] for r in self._table)
+            return {node: totals[node] / _SLOTS for node in self.nodes}
+        bounds, owners = self._arcs()
+        for i, owner in enumerate(owners):
+            totals[owner] += bounds[i + 1] - bounds[i]
+        return {node: totals[node] / _SPACE for node in self.nodes}
+
+    def diff(self, other: Ring, keys: Iterable[Key] | None = None) -> RingDiff:
+        """Which fraction of keys moves from this ring to ``other``, and from which node to which.
+
+        With ``keys``, counts those keys; otherwise measures the hash space exactly. The two rings must
+        use the same hashing mode unless ``keys`` is given.
+        """
+        flows: Counter[tuple[str, str]] = Counter()
+        if keys is not None:
+            total = 0
+            for key in keys:
+                total += 1
+                a, b = self.node_for(key), other.node_for(key)
+                if a != b:
+                    flows[(a, b)] += 1
+            if total == 0:
+                return RingDiff(0.0, {}, 0)
+            return RingDiff(sum(flows.values()) / total, {k: v / total for k, v in flows.items()}, total)
+        if self._hashing != other._hashing:
+            raise ConfigurationError("diff of rings with different hashing modes needs keys=")
+        if self._table is not None and other._table is not None:
+            a_ids, b_ids = self._ids, other._ids
+            for (ra, rb), count in Counter(zip(self._table, other._table, strict=True)).items():
+                if a_ids[ra] != b_ids[rb]:
+                    flows[(a_ids[ra], b_ids[rb])] += count
+            space = _SLOTS
+        else:
+            space = _SPACE
+            for lo, hi, src, dst in _overlay(self._arcs(), other._arcs()):
+                if src != dst:
+                    flows[(src, dst)] += hi - lo
+        return RingDiff(sum(flows.values()) / space, {k: v / space for k, v in flows.items()})
+
+
+@functools.lru_cache(maxsize=64)
+def _stratum_bases(rank_bits: int) -> list[int]:
+    """Start of each stratum, shifted past the rank bits."""
+    return [(j * _STRATUM) << rank_bits for j in range(POINTS_PER_WEIGHT)]
+
+
+def _hash_name(spec: NodeSpec) -> str:
+    return spec.alias if spec.alias is not None else spec.node_id
+
+
+def _point_stream(spec: NodeSpec, count: int) -> bytes:
+    """``count`` little-endian 32-bit points for ``spec``, as native-order bytes for ``array('I')``."""
+    data = hashlib.shake_128(b"shardcache:" + _hash_name(spec).encode()).digest(4 * count)
+    if sys.byteorder != "little" or array("I").itemsize != 4:
+        return array(_native_u32(), struct.unpack(f"<{count}I", data)).tobytes()
+    return data
+
+
+def _native_u32() -> str:
+    return "I" if array("I").itemsize == 4 else "L"
+
+
+def _overlay(
+    a: tuple[list[int], list[str]], b: tuple[list[int], list[str]]
+) -> Iterator[tuple[int, int, str, str]]:
+    """Walk two arc lists together, yielding ``(lo, hi, owner_a, owner_b)`` pieces."""
+    (ab, ao), (bb, bo) = a, b
+    i = j = 0
+    lo = 0
+    while lo < _SPACE:
+        hi = min(ab[i + 1], bb[j + 1])
+        if hi > lo:
+            yield lo, hi, ao[i], bo[j]
+        lo = hi
+        if ab[i + 1] == hi:
+            i += 1
+        if bb[j + 1] == hi:
+            j += 1
