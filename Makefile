@@ -5,33 +5,35 @@ BIN := $(VENV)/bin
 
 .PHONY: test test-unit test-integration test-smoke lint bench demo clean
 
-$(BIN)/python: pyproject.toml
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(BIN)/python
+	touch $@
 
-test: $(BIN)/python
+test: $(STAMP)
 	$(BIN)/python -m pytest tests integration -q
 
-test-unit: $(BIN)/python
+test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
-test-integration: $(BIN)/python
+test-integration: $(STAMP)
 	$(BIN)/python -m pytest integration -q
 
-test-smoke: $(BIN)/python
+test-smoke: $(STAMP)
 	$(BIN)/python -m pytest integration -m smoke -q
 
-lint: $(BIN)/python
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: $(BIN)/python
+bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ring_bench
 
-demo: $(BIN)/python
+demo: $(STAMP)
 	@echo "make demo: not yet (the client lands with issue 3)"
 
 clean:

@@ -3,13 +3,17 @@
 The public API is what ``__all__`` lists; everything else is private.
 """
 
+from shardcache.client import CasToken, Client
 from shardcache.errors import (
+    ArgumentError,
     CasConflictError,
+    CommandError,
     ConfigurationError,
     KeyValidationError,
     NodeError,
     NodeTimeoutError,
     NodeUnavailableError,
+    ProtocolError,
     SerializationError,
     ServerError,
     ShardcacheError,
@@ -17,23 +21,42 @@ from shardcache.errors import (
 )
 from shardcache.nodes import NodeSpec, parse_nodes
 from shardcache.ring import Ring, RingDiff
+from shardcache.serde import (
+    CompressedSerde,
+    DefaultSerde,
+    PickleSerde,
+    Serde,
+    SignedPickleSerde,
+    default_serde,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "CasConflictError",
+    "CasToken",
+    "Client",
+    "CommandError",
+    "CompressedSerde",
     "ConfigurationError",
+    "DefaultSerde",
     "KeyValidationError",
     "NodeError",
     "NodeSpec",
     "NodeTimeoutError",
     "NodeUnavailableError",
+    "PickleSerde",
+    "ProtocolError",
     "Ring",
     "RingDiff",
+    "Serde",
     "SerializationError",
     "ServerError",
     "ShardcacheError",
+    "SignedPickleSerde",
     "ValueTooLargeError",
     "__version__",
+    "default_serde",
     "parse_nodes",
 ]

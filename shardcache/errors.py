@@ -7,6 +7,8 @@ matching exception, ours subclasses it too, so code written against pymemcache k
     ├── ConfigurationError            bad node spec, option or server list   (ValueError)
     ├── KeyValidationError            key with whitespace/control chars, too long, wrong type
     │                                 (pymemcache MemcacheIllegalInputError, ValueError)
+    ├── ArgumentError                 bad argument: expire, delay, CAS token, incr delta
+    │                                 (pymemcache MemcacheIllegalInputError, ValueError)
     ├── SerializationError            value the serde cannot encode or decode
     │                                 (pymemcache MemcacheIllegalInputError)
     ├── ValueTooLargeError            server refused an item over its size limit
@@ -17,8 +19,11 @@ matching exception, ours subclasses it too, so code written against pymemcache k
         │                             (pymemcache MemcacheUnexpectedCloseError, OSError)
         ├── NodeTimeoutError          the node did not answer within the timeout
         │                             (NodeUnavailableError, TimeoutError)
-        └── ServerError               the node answered with SERVER_ERROR / CLIENT_ERROR
-                                      (pymemcache MemcacheServerError)
+        ├── ServerError               the node answered SERVER_ERROR (pymemcache MemcacheServerError)
+        ├── CommandError              the node refused the command: CLIENT_ERROR or ERROR, e.g.
+        │                             incr on a non-numeric value (pymemcache MemcacheClientError)
+        └── ProtocolError             the node's reply could not be parsed; the connection is
+                                      dropped (pymemcache MemcacheUnknownError)
 
 Node errors survive pickling and chain their cause (``raise ... from exc``).
 """
@@ -28,19 +33,24 @@ from __future__ import annotations
 from typing import Any
 
 from pymemcache.exceptions import (
+    MemcacheClientError,
     MemcacheError,
     MemcacheIllegalInputError,
     MemcacheServerError,
     MemcacheUnexpectedCloseError,
+    MemcacheUnknownError,
 )
 
 __all__ = [
+    "ArgumentError",
     "CasConflictError",
+    "CommandError",
     "ConfigurationError",
     "KeyValidationError",
     "NodeError",
     "NodeTimeoutError",
     "NodeUnavailableError",
+    "ProtocolError",
     "SerializationError",
     "ServerError",
     "ShardcacheError",
@@ -58,6 +68,10 @@ class ConfigurationError(ShardcacheError, ValueError):
 
 class KeyValidationError(ShardcacheError, MemcacheIllegalInputError, ValueError):
     """A key cannot be sent safely: wrong type, whitespace/control characters, or too long."""
+
+
+class ArgumentError(ShardcacheError, MemcacheIllegalInputError, ValueError):
+    """An argument other than the key is invalid (expire, delay, CAS token, incr/decr delta)."""
 
 
 class SerializationError(ShardcacheError, MemcacheIllegalInputError):
@@ -115,3 +129,11 @@ class ValueTooLargeError(ShardcacheError, MemcacheServerError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.key, self.node_id))
+
+
+class CommandError(NodeError, MemcacheClientError):
+    """The node refused the command (``CLIENT_ERROR``/``ERROR``), e.g. ``incr`` of a non-number."""
+
+
+class ProtocolError(NodeError, MemcacheUnknownError):
+    """The node's reply could not be parsed; the connection it came on is dropped."""

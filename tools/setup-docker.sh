@@ -60,12 +60,21 @@ else
 fi
 
 # --- 2. the daemon -----------------------------------------------------------------------------
+# True if PID runs (not a zombie: a killed daemon whose parent doesn't reap it stays <defunct>)
+# and its command name starts with NAME.
+alive_as() { # PID NAME
+    local pid=$1 want=$2 comm state
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [[ $comm == "$want"* && $state != Z && $state != X ]]
+}
+
 # A pid file is stale when its process is gone or is not the program that wrote it.
 clean_pidfile() { # FILE EXPECTED_COMM
-    local file=$1 want=$2 pid comm
+    local file=$1 want=$2 pid
     [[ -f $file ]] || return 0
     pid=$(tr -dc '0-9' <"$file" 2>/dev/null || true)
-    if [[ -n $pid ]] && comm=$(cat "/proc/$pid/comm" 2>/dev/null) && [[ $comm == "$want"* ]]; then
+    if [[ -n $pid ]] && alive_as "$pid" "$want"; then
         return 0 # alive and genuine: keep it
     fi
     rm -f "$file"
@@ -77,7 +86,11 @@ if docker_ok; then
 else
     is_root || die "no Docker engine answers 'docker info' and only root can start dockerd here:
 start Docker (e.g. sudo tools/setup-docker.sh), or add yourself to the docker group"
-    running=$(pgrep -x dockerd || true)
+    running=""
+    for pid in $(pgrep -x dockerd || true); do
+        if alive_as "$pid" dockerd; then running="$running $pid"; fi
+    done
+    running=${running# }
     if [[ -n $running ]]; then
         die "a dockerd is running (PID $running) but 'docker info' fails; see its log, or stop it with: kill -TERM $running"
     fi
@@ -88,20 +101,22 @@ start Docker (e.g. sudo tools/setup-docker.sh), or add yourself to the docker gr
     setsid dockerd --storage-driver=overlay2 --ip-forward=false --ip-masq=false \
         </dev/null >"$LOG" 2>&1 &
     dpid=$!
+    echo "$dpid" >"$PIDFILE" # at once: if we are killed while waiting, the caller can still stop it
     t0=$SECONDS
     until docker_ok; do
         if ! kill -0 "$dpid" 2>/dev/null; then
+            rm -f "$PIDFILE"
             tail -n 20 "$LOG" >&2 || true
             die "dockerd exited during start-up (log above, full log: $LOG)"
         fi
         if ((SECONDS - t0 >= WAIT_S)); then
             tail -n 20 "$LOG" >&2 || true
             kill -TERM "$dpid" 2>/dev/null || true
+            rm -f "$PIDFILE"
             die "dockerd (PID $dpid) did not answer 'docker info' within ${WAIT_S} s; stopped it (log: $LOG)"
         fi
         sleep 0.5
     done
-    echo "$dpid" >"$PIDFILE"
     log "dockerd started, PID $dpid, answered after $((SECONDS - t0)) s (PID also in $PIDFILE; stop: kill -TERM $dpid)"
 fi
 

@@ -33,9 +33,16 @@ service_pids() {
     uid=$(id -u memcache 2>/dev/null) || return 0
     for pid in $(pgrep -u "$uid" -x memcached 2>/dev/null || true); do
         exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
-        [[ $exe == */memcached ]] && echo "$pid"
+        if [[ $exe == */memcached ]] && alive "$pid"; then echo "$pid"; fi
     done
     return 0
+}
+
+# True while PID exists and is not a zombie (an orphan whose PID 1 doesn't reap stays <defunct>).
+alive() {
+    local state
+    state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [[ -n $state && $state != Z && $state != X ]]
 }
 
 before=" $(service_pids | tr '\n' ' ') "
@@ -83,10 +90,10 @@ for pid in $(service_pids); do
     [[ $before == *" $pid "* ]] && continue
     kill -TERM "$pid" 2>/dev/null || continue
     for _ in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
+        alive "$pid" || break
         sleep 0.1
     done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
     stopped+=("$pid")
     pidfile=/run/memcached/memcached.pid
     if [[ -f $pidfile && $(cat "$pidfile" 2>/dev/null) == "$pid" ]]; then rm -f "$pidfile"; fi
@@ -97,16 +104,16 @@ fi
 # Don't let the package's service start at the next boot either (only when we installed it).
 if [[ " ${need[*]} " == *" memcached "* ]]; then
     if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
-        systemctl disable --now memcached >/dev/null 2>&1 && log "stopped and disabled memcached.service" || true
+        if systemctl disable --now memcached >/dev/null 2>&1; then log "stopped and disabled memcached.service"; fi
     elif command -v systemctl >/dev/null 2>&1; then
         # no running systemd (container, chroot): systemctl edits the boot symlinks offline
-        systemctl disable memcached >/dev/null 2>&1 && log "disabled memcached.service" || true
+        if systemctl disable memcached >/dev/null 2>&1; then log "disabled memcached.service"; fi
     else
         link=/etc/systemd/system/multi-user.target.wants/memcached.service
         if [[ -L $link ]]; then rm -f "$link" && log "disabled memcached.service (removed $link)"; fi
     fi
     if command -v update-rc.d >/dev/null 2>&1 && [[ -e /etc/init.d/memcached ]]; then
-        update-rc.d memcached disable >/dev/null 2>&1 && log "disabled the memcached init script" || true
+        if update-rc.d memcached disable >/dev/null 2>&1; then log "disabled the memcached init script"; fi
     fi
 fi
 

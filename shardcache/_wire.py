@@ -1,0 +1,164 @@
+"""Pipelined memcached text-protocol exchanges for multi-key calls.
+
+A multi-key call writes its whole request to every node first, then reads each node's replies, so the
+nodes work at the same time and the call costs about one round trip. Requests are cut into rounds of
+at most ``ROUND_BYTES`` per node so a node never has to stall its replies while we are still writing
+to it (a large pipelined write to a server whose output we are not reading can deadlock).
+
+Everything here is private; the client owns the connections (pymemcache ``Client`` objects, whose
+``sock`` this module reads and writes between their own commands).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+    MemcacheUnknownCommandError,
+    MemcacheUnknownError,
+)
+
+__all__ = ["ROUND_BYTES", "Reader", "raise_for_error", "read_deleted", "read_stored", "read_values", "rounds"]
+
+ROUND_BYTES = 128 * 1024
+_RECV = 256 * 1024
+
+
+class Reader:
+    """Reads replies from one socket: lines, and values of a known length. Not thread-safe."""
+
+    __slots__ = ("_buf", "_pos", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def _fill(self) -> None:
+        chunk = self._sock.recv(_RECV)
+        if not chunk:
+            raise MemcacheUnexpectedCloseError()
+        self._buf = self._buf[self._pos :] + chunk if self._pos < len(self._buf) else chunk
+        self._pos = 0
+
+    def line(self) -> bytes:
+        """The next line, without its ``\\r\\n``."""
+        end = self._buf.find(b"\r\n", self._pos)
+        while end < 0:
+            self._fill()
+            end = self._buf.find(b"\r\n", self._pos)
+        line = self._buf[self._pos : end]
+        self._pos = end + 2
+        return line
+
+    def value(self, size: int) -> bytes:
+        """The next ``size`` bytes of a value and its trailing ``\\r\\n``."""
+        need = size + 2
+        available = len(self._buf) - self._pos
+        if available >= need:
+            start = self._pos
+            self._pos += need
+            data = self._buf[start : start + size]
+        else:
+            out = bytearray(need)
+            view = memoryview(out)
+            view[:available] = self._buf[self._pos :]
+            got = available
+            while got < need:
+                n = self._sock.recv_into(view[got:])
+                if not n:
+                    raise MemcacheUnexpectedCloseError()
+                got += n
+            self._buf, self._pos = b"", 0
+            if out[size:] != b"\r\n":
+                raise MemcacheUnknownError(b"value not terminated by CRLF")
+            return bytes(view[:size])
+        if self._buf[self._pos - 2 : self._pos] != b"\r\n":
+            raise MemcacheUnknownError(b"value not terminated by CRLF")
+        return data
+
+
+def raise_for_error(line: bytes) -> None:
+    """Raise pymemcache's exception for an ``ERROR``/``CLIENT_ERROR``/``SERVER_ERROR`` reply line."""
+    if line.startswith(b"CLIENT_ERROR"):
+        raise MemcacheClientError(line[13:])
+    if line.startswith(b"SERVER_ERROR"):
+        raise MemcacheServerError(line[13:])
+    if line.startswith(b"ERROR"):
+        raise MemcacheUnknownCommandError(line)
+    raise MemcacheUnknownError(line[:32])
+
+
+def rounds(items: Sequence[Any], size_of: Callable[[Any], int]) -> Iterable[Sequence[Any]]:
+    """Split ``items`` into consecutive slices of at most ``ROUND_BYTES`` (at least one item each)."""
+    start, total = 0, 0
+    for i, item in enumerate(items):
+        size = size_of(item)
+        if i > start and total + size > ROUND_BYTES:
+            yield items[start:i]
+            start, total = i, 0
+        total += size
+    if start < len(items):
+        yield items[start:]
+
+
+def read_values(
+    reader: Reader, commands: int, deserialize: Callable[[bytes, bytes, int], Any], with_cas: bool
+) -> dict[bytes, Any]:
+    """Read the replies to ``commands`` pipelined get/gets commands: ``{wire_key: value}``.
+
+    With ``with_cas`` each value is ``(value, cas_bytes)``.
+    """
+    found: dict[bytes, Any] = {}
+    for _ in range(commands):
+        while True:
+            line = reader.line()
+            if line == b"END":
+                break
+            parts = line.split()
+            if not parts or parts[0] != b"VALUE" or len(parts) != (5 if with_cas else 4):
+                raise_for_error(line)
+            key = parts[1]
+            data = reader.value(int(parts[3]))
+            value = deserialize(key, data, int(parts[2]))
+            found[key] = (value, parts[4]) if with_cas else value
+    return found
+
+
+def read_stored(reader: Reader, count: int) -> list[bool | MemcacheServerError]:
+    """Read ``count`` storage replies: True (stored), False (not stored), or the server's refusal.
+
+    A ``SERVER_ERROR`` (an item over the size limit) refuses one item; memcached discards its data
+    and the stream stays in step, so the other replies are still read.
+    """
+    results: list[bool | MemcacheServerError] = []
+    for _ in range(count):
+        line = reader.line()
+        if line == b"STORED":
+            results.append(True)
+        elif line in (b"NOT_STORED", b"EXISTS", b"NOT_FOUND"):
+            results.append(False)
+        elif line.startswith(b"SERVER_ERROR"):
+            results.append(MemcacheServerError(line[13:]))
+        else:
+            raise_for_error(line)
+    return results
+
+
+def read_deleted(reader: Reader, count: int) -> list[bool]:
+    """Read ``count`` delete replies: True (deleted) or False (not found)."""
+    results: list[bool] = []
+    for _ in range(count):
+        line = reader.line()
+        if line == b"DELETED":
+            results.append(True)
+        elif line == b"NOT_FOUND":
+            results.append(False)
+        else:
+            raise_for_error(line)
+    return results
