@@ -14,15 +14,18 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: $(STAMP)
+	tools/setup-memcached.sh
 	$(BIN)/python -m pytest tests integration -q
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
 test-integration: $(STAMP)
+	tools/setup-memcached.sh
 	$(BIN)/python -m pytest integration -q
 
 test-smoke: $(STAMP)
+	tools/setup-memcached.sh
 	$(BIN)/python -m pytest integration -m smoke -q
 
 lint: $(STAMP)
@@ -34,7 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ring_bench
 
 demo: $(STAMP)
-	@echo "make demo: not yet (the client lands with issue 3)"
+	tools/setup-memcached.sh
+	$(BIN)/python -m examples.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

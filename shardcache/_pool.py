@@ -95,6 +95,9 @@ class NodePool:
                 return
             conn.close()
 
+    def __del__(self) -> None:
+        self.close()
+
     def _forget_after_fork(self) -> None:
         # The parent still uses these sockets: drop our references without closing them.
         self._idle.clear()
