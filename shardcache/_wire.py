@@ -12,9 +12,10 @@ Everything here is private; the client owns the connections (pymemcache ``Client
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
+from pymemcache.client.base import Client as PymemcacheClient
 from pymemcache.exceptions import (
     MemcacheClientError,
     MemcacheServerError,
@@ -23,7 +24,20 @@ from pymemcache.exceptions import (
     MemcacheUnknownError,
 )
 
-__all__ = ["ROUND_BYTES", "Reader", "raise_for_error", "read_deleted", "read_stored", "read_values", "rounds"]
+from shardcache._pool import NodePool
+
+__all__ = [
+    "ROUND_BYTES",
+    "Reader",
+    "exchange",
+    "raise_for_error",
+    "read_deleted",
+    "read_stored",
+    "read_values",
+    "rounds",
+]
+
+T = TypeVar("T")
 
 ROUND_BYTES = 128 * 1024
 _RECV = 256 * 1024
@@ -162,3 +176,53 @@ def read_deleted(reader: Reader, count: int) -> list[bool]:
         else:
             raise_for_error(line)
     return results
+
+
+def exchange(
+    pools: Mapping[str, NodePool],
+    groups: Mapping[str, Sequence[Any]],
+    encode: Callable[[Sequence[Any]], bytes],
+    decode: Callable[[Reader, Sequence[Any]], T] | None,
+    size_of: Callable[[Any], int],
+) -> tuple[dict[str, list[T]], dict[str, Exception]]:
+    """Pipeline requests to every node at once, in rounds; results and failures by node id.
+
+    Each round writes one chunk (see ``rounds``) to every node that has work left, then reads each
+    node's replies with ``decode`` (None: nothing to read, for noreply). A node that fails is dropped
+    from later rounds; its connection is closed, the others go back to their pools.
+    """
+    pending = {node: iter(rounds(items, size_of)) for node, items in groups.items() if items}
+    results: dict[str, list[T]] = {node: [] for node in pending}
+    errors: dict[str, Exception] = {}
+    while pending:
+        inflight: list[tuple[str, NodePool, PymemcacheClient, Sequence[Any]]] = []
+        for node in list(pending):
+            chunk = next(pending[node], None)
+            if chunk is None:
+                del pending[node]
+                continue
+            pool = pools[node]
+            conn = pool.acquire()
+            try:
+                if conn.sock is None:
+                    conn._connect()
+                conn.sock.sendall(encode(chunk))
+            except Exception as exc:
+                pool.discard(conn)
+                errors[node] = exc
+                del pending[node]
+                continue
+            inflight.append((node, pool, conn, chunk))
+        for node, pool, conn, chunk in inflight:
+            if decode is None:
+                pool.release(conn)
+                continue
+            try:
+                results[node].append(decode(Reader(conn.sock), chunk))
+            except Exception as exc:
+                pool.discard(conn)
+                errors[node] = exc
+                pending.pop(node, None)
+            else:
+                pool.release(conn)
+    return results, errors

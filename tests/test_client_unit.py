@@ -21,7 +21,9 @@ SERVERS = ["10.0.0.1:11211", ("10.0.0.2", 11211), "10.0.0.3:11211:2"]
 
 
 def test_public_surface_is_exactly_this() -> None:
-    assert shardcache.__all__ == sorted(shardcache.__all__, key=lambda n: (n.startswith("_") or n.islower(), n))
+    assert shardcache.__all__ == sorted(
+        shardcache.__all__, key=lambda n: (n.startswith("_") or n.islower(), n)
+    )
     for name in shardcache.__all__:
         assert getattr(shardcache, name) is not None
 

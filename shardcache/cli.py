@@ -1,0 +1,670 @@
+"""The ``shardcache`` command line: where keys live, what a ring change moves, how the nodes are doing.
+
+Subcommands: ``locate`` and ``plan`` work on the ring alone (no network); ``stats`` and ``ping`` ask
+every node, each through its own single-node ``shardcache.Client`` so one node's failure is reported
+for that node instead of failing the whole command. The nodes are queried in parallel and every call
+has a timeout, so a dead or hung node costs about one timeout, never a stuck command.
+
+Output is a rich table for people, or one JSON document with ``--json`` (keys documented in
+docs/cli.md). Errors go to stderr. Exit codes: 0 ok, 1 a node is down, 2 usage or configuration error.
+
+Only the public API (``import shardcache``) is used, as for any other integration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+import shardcache
+
+__all__ = ["main"]
+
+ENV_SERVERS = "SHARDCACHE_SERVERS"
+EXIT_OK, EXIT_NODE_DOWN, EXIT_USAGE = 0, 1, 2
+_PLOT_HINT = "pip install 'shardcache[plot]'"
+_MAX_WORKERS = 32
+_NON_TTY_WIDTH = 200
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A bad argument or configuration: printed to stderr, exit code 2."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    ring: shardcache.Ring
+    json: bool
+    timeout: float
+    console: Console
+
+
+# -- argument parsing -------------------------------------------------------------------------------
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 100, got {text!r}")
+    return int(text)
+
+
+def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options accepted before and after the subcommand (``top=False`` leaves the top's values alone)."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--servers",
+        default=default(None),
+        metavar="LIST",
+        help=f"memcached nodes, e.g. 'a:11211,b:11211:2' (default: ${ENV_SERVERS})",
+    )
+    parser.add_argument(
+        "--hashing",
+        choices=("mmh3", "ketama"),
+        default=default("mmh3"),
+        help="how keys are placed on the ring (default: mmh3)",
+    )
+    parser.add_argument(
+        "--ketama-naming",
+        choices=("libmemcached", "libketama", "spymemcached"),
+        default=default("libmemcached"),
+        help="ketama point names, to match another client (default: libmemcached)",
+    )
+    parser.add_argument("--json", action="store_true", default=default(False), help="print one JSON document")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=default(1.0),
+        metavar="SECONDS",
+        help="connect and reply timeout of each network call (default: 1.0)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardcache",
+        description="Inspect a sharded memcached fleet: key placement, ring changes, node health.",
+        epilog="Exit codes: 0 ok, 1 a node is down, 2 usage or configuration error.",
+    )
+    parser.add_argument("--version", action="version", version=f"shardcache {shardcache.__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also print the library's log records to stderr"
+    )
+    _common_options(parser, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, top=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    locate = sub.add_parser(
+        "locate",
+        parents=[common],
+        help="the node of each key and its failover order (no network)",
+        description="For each key: the node that owns it, then the nodes that take over in order.",
+    )
+    locate.add_argument("keys", nargs="+", metavar="KEY")
+
+    plan = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="what a ring change moves (no network)",
+        description=(
+            "Key share per node before and after a change, the fraction of keys that move and where. "
+            "Removals apply first, then additions, then weights."
+        ),
+    )
+    plan.add_argument("--add", action="append", default=[], metavar="SPEC", help="add a node (repeatable)")
+    plan.add_argument(
+        "--remove", action="append", default=[], metavar="ID", help="remove a node (repeatable)"
+    )
+    plan.add_argument(
+        "--weight", action="append", default=[], metavar="ID=W", help="set a node's weight (repeatable)"
+    )
+    plan.add_argument("--keys", metavar="FILE", help="also count these keys, one per line ('-': stdin)")
+    plan.add_argument("--plot", metavar="FILE.png", help=f"draw the key share before/after ({_PLOT_HINT})")
+
+    sub.add_parser(
+        "stats",
+        parents=[common],
+        help="items, memory, hit ratio, evictions... of every node",
+        description="Ask every node for its stats; a node that does not answer in time is shown down.",
+    )
+    ping = sub.add_parser(
+        "ping",
+        parents=[common],
+        help="round-trip time of every node",
+        description=(
+            "Open a connection to each node, then time COUNT 'version' round trips on it and report "
+            "the median. A node is down if any call fails."
+        ),
+    )
+    ping.add_argument(
+        "--count", type=_count, default=3, metavar="N", help="timed round trips per node (default: 3)"
+    )
+    return parser
+
+
+def _servers(args: argparse.Namespace) -> shardcache.Ring:
+    given: str | None = args.servers
+    source = "--servers"
+    if given is None:
+        given, source = os.environ.get(ENV_SERVERS), ENV_SERVERS
+    if given is None or not given.strip():
+        raise UsageError(f"no servers: pass --servers 'host:port,...' or set {ENV_SERVERS}")
+    try:
+        return shardcache.Ring(given, hashing=args.hashing, ketama_naming=args.ketama_naming)
+    except shardcache.ConfigurationError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 a node is down, 2 usage error)."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or argparse's own usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    _configure_logging(args.verbose)
+    commands: dict[str, Callable[[_Context, argparse.Namespace], int]] = {
+        "locate": _locate,
+        "plan": _plan,
+        "stats": _stats,
+        "ping": _ping,
+    }
+    try:
+        context = _Context(_servers(args), args.json, args.timeout, _console())
+        return commands[args.command](context, args)
+    except UsageError as exc:
+        print(f"shardcache: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `shardcache locate ... | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Node failures are reported in the output, so the library's log records show only with -v."""
+    library = logging.getLogger("shardcache")
+    if not any(isinstance(h, logging.NullHandler) for h in library.handlers):
+        library.addHandler(logging.NullHandler())  # no "last resort" printing of warnings to stderr
+    if verbose:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        )
+
+
+# -- output helpers ---------------------------------------------------------------------------------
+
+
+def _console() -> Console:
+    console = Console(file=sys.stdout, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped output: don't squeeze tables into 80 columns.
+        console = Console(file=sys.stdout, highlight=False, width=_NON_TTY_WIDTH)
+    return console
+
+
+def _emit_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _pct(fraction: float | None, digits: int = 2) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.{digits}f}%"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def _node_column(table: Table, title: str = "Node") -> None:
+    table.add_column(title, no_wrap=True, overflow="fold")
+
+
+# -- locate -----------------------------------------------------------------------------------------
+
+
+def _locate(ctx: _Context, args: argparse.Namespace) -> int:
+    ring = ctx.ring
+    rows = []
+    for key in args.keys:
+        order = ring.preference_list(key, len(ring))
+        rows.append({"key": key, "node": order[0], "preference_list": list(order)})
+    if ctx.json:
+        _emit_json({"hashing": ring.hashing, "nodes": list(ring.nodes), "keys": rows})
+        return EXIT_OK
+    table = Table(title=f"Key placement ({ring.hashing}, {len(ring)} nodes)")
+    table.add_column("Key", overflow="fold")
+    _node_column(table)
+    table.add_column("Failover order", overflow="fold")
+    for row in rows:
+        table.add_row(row["key"], row["node"], " → ".join(row["preference_list"][1:]) or "-")
+    ctx.console.print(table)
+    return EXIT_OK
+
+
+# -- plan -------------------------------------------------------------------------------------------
+
+
+def _resolve_id(ring: shardcache.Ring, given: str, option: str) -> str:
+    """The node id on ``ring`` that ``given`` names (``cache-1`` names ``cache-1:11211``).
+
+    ``option`` is how the error names what the user typed, e.g. ``--weight 'a=2'``.
+    """
+    if given in ring:
+        return given
+    try:
+        node_id = shardcache.parse_nodes(given)[0].node_id
+    except shardcache.ConfigurationError:
+        node_id = given
+    if node_id not in ring:
+        raise UsageError(f"{option}: no such node {given!r} (nodes: {', '.join(ring.nodes)})")
+    return node_id
+
+
+def _apply_changes(before: shardcache.Ring, args: argparse.Namespace) -> shardcache.Ring:
+    after = before
+    for given in args.remove:
+        node_id = _resolve_id(after, given, f"--remove {given!r}")
+        if len(after) == 1:
+            raise UsageError(f"--remove {given!r}: it is the last node; a ring needs at least one")
+        after = after.without_node(node_id)
+    for spec in args.add:
+        try:
+            after = after.with_node(spec)
+        except shardcache.ConfigurationError as exc:
+            raise UsageError(f"--add {spec!r}: {exc}") from None
+    for item in args.weight:
+        node, sep, weight = item.rpartition("=")
+        if not sep or not node or not weight.isdigit() or int(weight) < 1:
+            raise UsageError(f"--weight {item!r}: expected ID=W with W a positive integer")
+        after = after.with_weight(_resolve_id(after, node, f"--weight {item!r}"), int(weight))
+    return after
+
+
+def _read_keys(path: str) -> list[bytes]:
+    """Keys from ``path`` (one per line, blank lines skipped), as bytes: placement hashes the bytes."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--keys {path!r}: {exc.strerror or exc}") from None
+    return [line for line in (raw.strip() for raw in data.splitlines()) if line]
+
+
+def _weights(ring: shardcache.Ring) -> dict[str, int]:
+    return {spec.node_id: spec.weight for spec in ring.specs}
+
+
+def _check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401, PLC0415  (optional dependency, imported only for --plot)
+    except ImportError:
+        raise UsageError(f"--plot needs matplotlib: {_PLOT_HINT}") from None
+
+
+def _plan(ctx: _Context, args: argparse.Namespace) -> int:
+    before = ctx.ring
+    if args.plot:
+        _check_plot_available()
+    after = _apply_changes(before, args)
+    keys = _read_keys(args.keys) if args.keys is not None else None
+
+    share_before, share_after = before.share(), after.share()
+    weight_before, weight_after = _weights(before), _weights(after)
+    diff = before.diff(after)
+    node_ids = list(dict.fromkeys((*before.nodes, *after.nodes)))
+
+    count_before: Counter[str] = Counter()
+    count_after: Counter[str] = Counter()
+    key_report: dict[str, Any] | None = None
+    if keys is not None:
+        count_before.update(map(before.node_for, keys))
+        count_after.update(map(after.node_for, keys))
+        kdiff = before.diff(after, keys)
+        total = kdiff.keys_counted or 0
+        flows = sorted(kdiff.flows.items(), key=lambda item: (-item[1], item[0]))
+        key_report = {
+            "file": args.keys,
+            "total": total,
+            "moved": round(kdiff.moved * total),
+            "moved_fraction": kdiff.moved,
+            "flows": [
+                {"from": src, "to": dst, "keys": round(frac * total), "fraction": frac}
+                for (src, dst), frac in flows
+            ],
+        }
+
+    nodes: dict[str, dict[str, Any]] = {}
+    for node in node_ids:
+        wb, wa = weight_before.get(node), weight_after.get(node)
+        status = (
+            "added" if wb is None else "removed" if wa is None else "reweighted" if wb != wa else "unchanged"
+        )
+        nodes[node] = {
+            "status": status,
+            "weight_before": wb,
+            "weight_after": wa,
+            "share_before": share_before.get(node, 0.0),
+            "share_after": share_after.get(node, 0.0),
+            "keys_before": count_before[node] if keys is not None else None,
+            "keys_after": count_after[node] if keys is not None else None,
+        }
+    document = {
+        "hashing": before.hashing,
+        "before": list(before.nodes),
+        "after": list(after.nodes),
+        "nodes": nodes,
+        "moved_fraction": diff.moved,
+        "flows": [
+            {"from": src, "to": dst, "fraction": frac}
+            for (src, dst), frac in sorted(diff.flows.items(), key=lambda item: (-item[1], item[0]))
+        ],
+        "keys": key_report,
+        "plot": args.plot,
+    }
+    if args.plot:
+        _draw_plan(args.plot, nodes, diff.moved, before.hashing)
+    if ctx.json:
+        _emit_json(document)
+    else:
+        _print_plan(ctx.console, document)
+    return EXIT_OK
+
+
+def _print_plan(console: Console, doc: dict[str, Any]) -> None:
+    keys = doc["keys"]
+    table = Table(title=f"Ring change ({doc['hashing']}): {len(doc['before'])} → {len(doc['after'])} nodes")
+    _node_column(table)
+    table.add_column("Change")
+    table.add_column("Weight", justify="right")
+    table.add_column("Share before", justify="right")
+    table.add_column("Share after", justify="right")
+    if keys is not None:
+        table.add_column("Keys before", justify="right")
+        table.add_column("Keys after", justify="right")
+    for node, row in doc["nodes"].items():
+        wb, wa = row["weight_before"], row["weight_after"]
+        weight = f"{wb}" if wb == wa else f"{'-' if wb is None else wb} → {'-' if wa is None else wa}"
+        cells = [node, row["status"], weight, _pct(row["share_before"]), _pct(row["share_after"])]
+        if keys is not None:
+            cells += [str(row["keys_before"]), str(row["keys_after"])]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"Keys that move: {_pct(doc['moved_fraction'])} of the key space")
+    if keys is not None:
+        console.print(
+            f"Keys from {keys['file']} that move: {keys['moved']} of {keys['total']}"
+            f" ({_pct(keys['moved_fraction'])})"
+        )
+    if not doc["flows"]:
+        return
+    flows = Table(title="Where the moving keys go")
+    _node_column(flows, "From")
+    _node_column(flows, "To")
+    flows.add_column("Share of keys", justify="right")
+    if keys is not None:
+        flows.add_column("Keys", justify="right")
+    counted = {(f["from"], f["to"]): f["keys"] for f in keys["flows"]} if keys is not None else {}
+    for flow in doc["flows"]:
+        cells = [flow["from"], flow["to"], _pct(flow["fraction"])]
+        if keys is not None:
+            cells.append(str(counted.get((flow["from"], flow["to"]), 0)))
+        flows.add_row(*cells)
+    console.print(flows)
+
+
+def _draw_plan(path: str, nodes: dict[str, dict[str, Any]], moved: float, hashing: str) -> None:
+    """A grouped bar chart of each node's key share before and after, written with the Agg backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (optional dependency)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    labels = list(nodes)
+    before = [nodes[n]["share_before"] * 100 for n in labels]
+    after = [nodes[n]["share_after"] * 100 for n in labels]
+    width = 0.4
+    xs = range(len(labels))
+    figure = Figure(figsize=(max(7.0, 1.1 * len(labels) + 2), 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    bars_before = axes.bar([x - width / 2 for x in xs], before, width, label="before", color="#8da0cb")
+    bars_after = axes.bar([x + width / 2 for x in xs], after, width, label="after", color="#fc8d62")
+    for bars, shares, side in ((bars_before, before, "weight_before"), (bars_after, after, "weight_after")):
+        texts = ["" if nodes[n][side] is None else f"{s:.1f}" for n, s in zip(labels, shares, strict=True)]
+        axes.bar_label(bars, labels=texts, fontsize=7, padding=2)
+    ticks = [n if nodes[n]["status"] == "unchanged" else f"{n}\n({nodes[n]['status']})" for n in labels]
+    axes.set_xticks(
+        list(xs), ticks, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center"
+    )
+    axes.set_ylabel("share of keys (%)")
+    axes.set_ylim(0, max([*before, *after, 1.0]) * 1.3)
+    axes.set_title(f"Key share per node, before and after ({hashing})\n{moved * 100:.1f}% of keys move")
+    axes.legend(loc="upper right", ncols=2)
+    axes.grid(axis="y", alpha=0.3)
+    try:
+        figure.savefig(path, format="png", dpi=120)
+    except OSError as exc:
+        raise UsageError(f"--plot {path!r}: {exc.strerror or exc}") from None
+
+
+# -- network commands -------------------------------------------------------------------------------
+
+
+def _each_node(
+    ctx: _Context, probe: Callable[[shardcache.Client], T], what: str
+) -> list[tuple[str, T | Exception]]:
+    """Run ``probe`` against every node in parallel, each with its own single-node client.
+
+    Returns ``(node_id, result or the NodeError)`` in server-list order.
+    """
+
+    def one(spec: shardcache.NodeSpec) -> tuple[str, T | Exception]:
+        client = shardcache.Client([spec], connect_timeout=ctx.timeout, timeout=ctx.timeout)
+        try:
+            return spec.node_id, probe(client)
+        except (shardcache.ShardcacheError, OSError) as exc:
+            return spec.node_id, exc
+        finally:
+            client.close()
+
+    specs = ctx.ring.specs
+    with ThreadPoolExecutor(max_workers=min(len(specs), _MAX_WORKERS), thread_name_prefix=what) as pool:
+        return list(pool.map(one, specs))
+
+
+def _error_fields(exc: Exception | None) -> dict[str, Any]:
+    if exc is None:
+        return {"error": None, "error_type": None}
+    return {"error": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}
+
+
+def _stat_int(stats: dict[bytes, Any], name: str) -> int | None:
+    value = stats.get(name.encode())
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+_STAT_FIELDS = (
+    "curr_items",
+    "bytes",
+    "limit_maxbytes",
+    "get_hits",
+    "get_misses",
+    "evictions",
+    "curr_connections",
+    "uptime",
+)
+
+
+def _stats_row(result: dict[bytes, Any] | Exception) -> dict[str, Any]:
+    """One node's stats row; every row has the same keys, in the same order."""
+    error = result if isinstance(result, Exception) else None
+    row: dict[str, Any] = {"up": error is None, **_error_fields(error)}
+    stats: dict[bytes, Any] = {} if isinstance(result, Exception) else result
+    version = stats.get(b"version")
+    row["version"] = version.decode("ascii", "replace") if isinstance(version, bytes) else version
+    row.update({name: _stat_int(stats, name) for name in _STAT_FIELDS})
+    hits, misses = row["get_hits"], row["get_misses"]
+    lookups = (hits or 0) + (misses or 0)
+    row["hit_ratio"] = (hits or 0) / lookups if lookups else None
+    return row
+
+
+def _stats(ctx: _Context, args: argparse.Namespace) -> int:
+    def probe(client: shardcache.Client) -> dict[bytes, Any]:
+        return next(iter(client.stats().values()))
+
+    nodes = {node: _stats_row(result) for node, result in _each_node(ctx, probe, "stats")}
+    down = sum(not row["up"] for row in nodes.values())
+    if ctx.json:
+        _emit_json({"nodes": nodes, "up": len(nodes) - down, "down": down})
+    else:
+        table = Table(title=f"memcached stats: {len(nodes) - down} up, {down} down")
+        _node_column(table)
+        for title in ("Status", "Version", "Items", "Memory used / limit", "Hit ratio"):
+            table.add_column(title, justify="left" if title in ("Status", "Version") else "right")
+        for title in ("Evictions", "Connections", "Uptime"):
+            table.add_column(title, justify="right")
+        if down:
+            table.add_column("Error", overflow="fold")
+        for node, row in nodes.items():
+            if row["up"]:
+                used, limit = row["bytes"], row["limit_maxbytes"]
+                memory = f"{_bytes(used)} / {_bytes(limit)}"
+                if used is not None and limit:
+                    memory += f" ({used / limit:.0%})"
+                cells = [
+                    node,
+                    "[green]up[/]",
+                    row["version"] or "-",
+                    str(row["curr_items"]),
+                    memory,
+                    _pct(row["hit_ratio"], 1),
+                    str(row["evictions"]),
+                    str(row["curr_connections"]),
+                    _duration(row["uptime"]),
+                ]
+            else:
+                cells = [node, "[bold red]DOWN[/]", *(["-"] * 7)]
+            if down:
+                cells.append(row["error"] or "")
+            table.add_row(*cells)
+        ctx.console.print(table)
+    return EXIT_NODE_DOWN if down else EXIT_OK
+
+
+def _ping(ctx: _Context, args: argparse.Namespace) -> int:
+    count: int = args.count
+
+    def probe(client: shardcache.Client) -> tuple[str, list[float]]:
+        # The first call opens the connection (and reads the version); only later calls are timed.
+        version = next(iter(client.version().values()))
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            client.version()
+            samples.append((time.perf_counter() - start) * 1000)
+        return version.decode("ascii", "replace"), samples
+
+    nodes: dict[str, dict[str, Any]] = {}
+    for node, result in _each_node(ctx, probe, "ping"):
+        if isinstance(result, Exception):
+            nodes[node] = {
+                "up": False,
+                "version": None,
+                "rtt_ms": None,
+                "samples_ms": [],
+                **_error_fields(result),
+            }
+        else:
+            version, samples = result
+            nodes[node] = {
+                "up": True,
+                **_error_fields(None),
+                "version": version,
+                "rtt_ms": statistics.median(samples),
+                "samples_ms": samples,
+            }
+    down = sum(not row["up"] for row in nodes.values())
+    if ctx.json:
+        _emit_json({"nodes": nodes, "count": count, "up": len(nodes) - down, "down": down})
+    else:
+        table = Table(title=f"ping (median of {count} round trips): {len(nodes) - down} up, {down} down")
+        _node_column(table)
+        table.add_column("Status")
+        table.add_column("Version")
+        for title in ("RTT median", "min", "max"):
+            table.add_column(title, justify="right")
+        if down:
+            table.add_column("Error", overflow="fold")
+        for node, row in nodes.items():
+            if row["up"]:
+                samples = row["samples_ms"]
+                cells = [
+                    node,
+                    "[green]up[/]",
+                    row["version"],
+                    f"{row['rtt_ms']:.3f} ms",
+                    f"{min(samples):.3f} ms",
+                    f"{max(samples):.3f} ms",
+                ]
+            else:
+                cells = [node, "[bold red]DOWN[/]", "-", "-", "-", "-"]
+            if down:
+                cells.append(row["error"] or "")
+            table.add_row(*cells)
+        ctx.console.print(table)
+    return EXIT_NODE_DOWN if down else EXIT_OK

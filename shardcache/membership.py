@@ -1,0 +1,433 @@
+"""The nodes a client talks to, as they live: the current ring, health, fencing, probing.
+
+A ``Topology`` (the ring and its ``Node`` objects, plus the gutter pool) is an immutable snapshot:
+every request reads ``Membership.topology`` once and finishes on that snapshot, and a change of
+membership swaps the whole reference.
+
+Stale reads are prevented by fencing. While a node is away (DOWN or PROBING), every key written,
+deleted or served elsewhere on its behalf is recorded in the node's ``FenceLog``, and so is every
+key whose write or delete failed on it. Before the node serves again, the prober deletes those keys
+on it (or flushes it, if the log overflowed) and removes the copies that fallback or gutter nodes
+took in its place. Until then it is not ``ready``: reads of fenced keys miss instead of returning a
+value that may be older than the last write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from pymemcache.client.base import Client as PymemcacheClient
+
+from shardcache._pool import NodePool, node_failure
+from shardcache._wire import Reader, exchange, read_deleted
+from shardcache.errors import NodeTimeoutError, NodeUnavailableError, ProtocolError
+from shardcache.health import DOWN, UP, Clock, Event, HealthPolicy, NodeHealth
+from shardcache.nodes import NodeSpec
+from shardcache.ring import Ring
+
+__all__ = ["FAILOVER_POLICIES", "FenceLog", "Membership", "Node", "Topology"]
+
+logger = logging.getLogger("shardcache")
+
+FAILOVER_POLICIES = ("fail_fast", "remap", "gutter")
+_PROBE_IDLE_S = 0.5
+
+
+class FenceLog:
+    """Keys a node must forget before it serves them again; bounded; thread-safe.
+
+    Past ``limit`` keys the log stops recording and marks itself overflowed: the node is then
+    flushed as a whole before it serves again.
+    """
+
+    __slots__ = ("_node", "keys", "limit", "overflowed")
+
+    def __init__(self, node: Node, limit: int) -> None:
+        self._node = node
+        self.keys: set[bytes] = set()
+        self.limit = limit
+        self.overflowed = False
+
+    def add(self, wire: bytes) -> None:
+        with self._node.lock:
+            if len(self.keys) < self.limit:
+                self.keys.add(wire)
+            else:
+                self.overflowed = True
+            self._node.ready = False
+
+    def __contains__(self, wire: object) -> bool:
+        return self.overflowed or wire in self.keys
+
+    def __bool__(self) -> bool:
+        return self.overflowed or bool(self.keys)
+
+    def take(self) -> tuple[set[bytes], bool]:
+        """Everything recorded so far, and whether the log overflowed; the log starts empty again."""
+        with self._node.lock:
+            keys, overflowed = self.keys, self.overflowed
+            self.keys, self.overflowed = set(), False
+            return keys, overflowed
+
+    def restore(self, keys: set[bytes], overflowed: bool) -> None:
+        """Put back what ``take`` returned, when applying it failed."""
+        with self._node.lock:
+            self.overflowed = self.overflowed or overflowed
+            room = self.limit - len(self.keys)
+            if len(keys) > room:
+                self.overflowed = True
+            self.keys.update(list(keys)[: max(room, 0)])
+            self._node.ready = False
+
+
+class Node:
+    """One memcached node as a client sees it: connections, health, fence log, copies, counters.
+
+    Thread-safe. ``ready`` is True when the node is UP and has nothing left to forget: requests
+    check only that attribute on their fast path. ``copies`` records, per fallback or gutter node,
+    the keys it holds in this node's place.
+    """
+
+    __slots__ = (
+        "copies",
+        "errors",
+        "failovers",
+        "fence",
+        "health",
+        "lock",
+        "node_id",
+        "ops",
+        "pool",
+        "ready",
+        "spec",
+        "timeouts",
+    )
+
+    def __init__(self, spec: NodeSpec, pool: NodePool, health: NodeHealth, fence_limit: int) -> None:
+        self.spec = spec
+        self.node_id = spec.node_id
+        self.pool = pool
+        self.health = health
+        self.lock = threading.Lock()
+        self.ready = True
+        self.fence = FenceLog(self, fence_limit)
+        self.copies: dict[str, set[bytes]] = {}
+        self.ops = 0
+        self.errors = 0
+        self.timeouts = 0
+        self.failovers = 0
+
+    def counters(self) -> dict[str, int]:
+        """Operations, errors, timeouts, failovers and state changes so far.
+
+        ``ops`` is counted without a lock on the request path; under heavy thread contention it
+        may undercount slightly. The other counters are exact.
+        """
+        return {
+            "ops": self.ops,
+            "errors": self.errors,
+            "timeouts": self.timeouts,
+            "failovers": self.failovers,
+            "state_changes": self.health.state_changes,
+        }
+
+    def refresh_ready(self) -> None:
+        with self.lock:
+            self.ready = self.health.state == UP and not self.fence
+
+
+class Topology:
+    """An immutable snapshot: the ring, its nodes, and the gutter ring and nodes (if any)."""
+
+    __slots__ = ("gutter_nodes", "gutter_ring", "nodes", "ring")
+
+    def __init__(
+        self,
+        ring: Ring,
+        nodes: Mapping[str, Node],
+        gutter_ring: Ring | None = None,
+        gutter_nodes: Mapping[str, Node] | None = None,
+    ) -> None:
+        self.ring = ring
+        self.nodes = nodes
+        self.gutter_ring = gutter_ring
+        self.gutter_nodes: Mapping[str, Node] = gutter_nodes or {}
+
+    def all_nodes(self) -> Iterator[Node]:
+        yield from self.nodes.values()
+        yield from self.gutter_nodes.values()
+
+
+class Membership:
+    """The current topology of a client and the life of its nodes; thread-safe.
+
+    Owns the prober: one daemon thread, started when a node goes down or has keys to forget, that
+    probes DOWN nodes when their backoff elapses, fences them and readmits them. It stops by itself
+    when there is nothing left to do, and for good on ``close()``.
+    """
+
+    def __init__(
+        self,
+        ring: Ring,
+        *,
+        make_pool: Callable[[NodeSpec], NodePool],
+        probe_connection: Callable[[NodeSpec], PymemcacheClient],
+        policy: HealthPolicy,
+        failover: str,
+        failover_ttl_s: int,
+        gutter_ring: Ring | None,
+        fence_max_keys: int,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._make_pool = make_pool
+        self._probe_connection = probe_connection
+        self._policy = policy
+        self._clock = clock
+        self.failover = failover
+        self.failover_ttl_s = failover_ttl_s
+        self._fence_max_keys = fence_max_keys
+        self._listeners: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._prober: threading.Thread | None = None
+        nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
+        gutter = {spec.node_id: self._make_node(spec) for spec in gutter_ring.specs} if gutter_ring else {}
+        self.topology = Topology(ring, nodes, gutter_ring, gutter)
+
+    def _make_node(self, spec: NodeSpec) -> Node:
+        holder: list[Node] = []
+
+        def on_change(old: str, new: str, reason: str) -> None:
+            node = holder[0]
+            node.refresh_ready()
+            if new == DOWN:
+                node.pool.close()  # its connections are dead or out of step
+            if new == DOWN and old == UP:
+                self.emit(Event("node_down", node.node_id, reason))
+                if self.failover != "fail_fast" or node.node_id in self.topology.gutter_nodes:
+                    self.emit(Event("failover", node.node_id, f"{self.failover}: its keys go elsewhere"))
+                self._start_prober()
+            elif new == UP:
+                node.pool.close()  # connections from before the outage may be dead or out of step
+                self.emit(Event("node_up", node.node_id, reason))
+
+        health = NodeHealth(spec.node_id, self._policy, clock=self._clock, on_change=on_change)
+        node = Node(spec, self._make_pool(spec), health, self._fence_max_keys)
+        holder.append(node)
+        return node
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[Event], None]) -> None:
+        with self._lock:
+            self._listeners = [*self._listeners, callback]
+
+    def remove_listener(self, callback: Callable[[Event], None]) -> None:
+        with self._lock:
+            self._listeners = [c for c in self._listeners if c is not callback]
+
+    def emit(self, event: Event) -> None:
+        """Log ``event`` on the ``shardcache`` logger and deliver it to every listener."""
+        level = logging.INFO if event.kind in ("node_up", "fenced") else logging.WARNING
+        logger.log(level, "shardcache %s %s: %s", event.kind, event.node_id, event.detail)
+        for callback in self._listeners:
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("shardcache: event listener %r failed on %s", callback, event.kind)
+
+    # -- request-path reports ---------------------------------------------------------------------
+
+    def failed(
+        self, node: Node, exc: BaseException, what: str, key: Any, wire: bytes | None
+    ) -> BaseException:
+        """A call to ``node`` raised ``exc``: count it, record it, and return our exception for it.
+
+        Transport failures (errors and timeouts) count towards marking the node DOWN. A failed write
+        or delete (``wire`` given) is fenced: the node may still hold the value it was meant to
+        replace, so that key is forgotten on the node before it is read there again.
+        """
+        err = node_failure(exc, node.node_id, what, key)
+        transport = isinstance(err, NodeUnavailableError | ProtocolError)
+        with node.lock:
+            node.errors += 1
+            if isinstance(err, NodeTimeoutError):
+                node.timeouts += 1
+        if wire is not None and transport:
+            node.fence.add(wire)
+        self.emit(Event("error", node.node_id, str(err), err, key))
+        if transport:
+            node.health.record_failure(str(err))
+        if wire is not None and transport:
+            self._start_prober()
+        return err
+
+    def succeeded(self, node: Node) -> None:
+        if node.health.failures:
+            node.health.record_success()
+
+    def stand_in(
+        self, topology: Topology, node: Node, hash_key: bytes, *, counter: bool = False
+    ) -> Node | None:
+        """The node that serves ``node``'s keys while it is away, or None (fail fast).
+
+        ``remap``: the next ready node clockwise; ``gutter``: the gutter node for the key. Counters
+        (``incr``/``decr``) are never moved: another node's count would silently restart from zero.
+        """
+        node.failovers += 1
+        if counter or self.failover == "fail_fast":
+            return None
+        if self.failover == "gutter":
+            assert topology.gutter_ring is not None
+            gutter = topology.gutter_nodes[topology.gutter_ring.node_for(hash_key)]
+            return gutter if gutter.ready else None
+        for node_id in topology.ring.preference_list(hash_key, len(topology.nodes))[1:]:
+            candidate = topology.nodes[node_id]
+            if candidate.ready:
+                return candidate
+        return None
+
+    def stood_in(self, node: Node, stand_in: Node, wire: bytes) -> None:
+        """``stand_in`` served ``wire`` for ``node``: fence it on ``node``, remember the copy."""
+        node.fence.add(wire)
+        with node.lock:
+            copies = node.copies.setdefault(stand_in.node_id, set())
+            if len(copies) < self._fence_max_keys:
+                copies.add(wire)
+            else:
+                node.fence.overflowed = True
+
+    def capped_ttl(self, expire: int) -> int:
+        """The expiry for a copy stored on a stand-in: at most ``failover_ttl_s``."""
+        return self.failover_ttl_s if expire <= 0 or expire > self.failover_ttl_s else expire
+
+    # -- prober -----------------------------------------------------------------------------------
+
+    def _start_prober(self) -> None:
+        self._wake.set()
+        with self._lock:
+            if self._closed.is_set() or (self._prober is not None and self._prober.is_alive()):
+                return
+            self._prober = threading.Thread(target=self._probe_loop, name="shardcache-prober", daemon=True)
+            self._prober.start()
+
+    def _probe_loop(self) -> None:
+        while not self._closed.is_set():
+            self._wake.clear()
+            waits: list[float] = []
+            busy = False
+            for node in list(self.topology.all_nodes()):
+                if self._closed.is_set():
+                    return
+                state = node.health.state
+                if state == DOWN:
+                    busy = True
+                    if node.health.begin_probe():
+                        self._probe(node)
+                    due = node.health.seconds_until_probe()
+                    if due is not None:
+                        waits.append(due)
+                elif state == UP and node.fence:
+                    busy = True
+                    if not self._forget(node):
+                        node.health.mark_down("fencing failed")
+            if not busy:
+                with self._lock:
+                    if not self._wake.is_set():
+                        self._prober = None
+                        return
+                continue
+            self._wake.wait(min([*waits, _PROBE_IDLE_S]))
+
+    def _probe(self, node: Node) -> None:
+        """PROBING: ask for ``version``; if it answers, fence the node, then readmit it."""
+        conn = self._probe_connection(node.spec)
+        try:
+            conn.version()
+        except Exception as exc:
+            node.health.probe_failed(f"probe failed: {node_failure(exc, node.node_id, 'version')}")
+            return
+        finally:
+            conn.close()
+        if self._forget(node):
+            node.health.readmit()
+            node.refresh_ready()
+        else:
+            node.health.probe_failed("fencing failed")
+
+    def _forget(self, node: Node) -> bool:
+        """Delete on ``node`` the keys in its fence log, and its copies on stand-ins. True if done.
+
+        Repeats while requests keep adding keys (bounded), so nothing recorded is left behind.
+        """
+        for _ in range(5):
+            keys, overflowed = node.fence.take()
+            with node.lock:
+                copies, node.copies = node.copies, {}
+            if not keys and not overflowed and not copies:
+                node.refresh_ready()
+                return True
+            if not self._apply_fence(node, keys, overflowed, copies):
+                node.fence.restore(keys, overflowed)
+                with node.lock:
+                    for holder, wires in copies.items():
+                        node.copies.setdefault(holder, set()).update(wires)
+                return False
+        return not node.fence
+
+    def _apply_fence(
+        self, node: Node, keys: set[bytes], overflowed: bool, copies: dict[str, set[bytes]]
+    ) -> bool:
+        topology = self.topology
+        if overflowed:
+            conn = self._probe_connection(node.spec)
+            try:
+                conn.flush_all(0, False)
+            except Exception as exc:
+                logger.warning("shardcache: flushing %s before readmission failed: %s", node.node_id, exc)
+                return False
+            finally:
+                conn.close()
+        elif keys and not _delete_all({node.node_id: node.pool}, {node.node_id: sorted(keys)}):
+            return False
+        holders = {h: topology.nodes.get(h) or topology.gutter_nodes.get(h) for h in copies}
+        live = {h: n.pool for h, n in holders.items() if n is not None and n.health.state == UP}
+        if live and not _delete_all(live, {h: sorted(copies[h]) for h in live}):
+            logger.warning(
+                "shardcache: removing stand-in copies for %s failed; they expire by TTL", node.node_id
+            )
+        detail = "flushed (fence log overflowed)" if overflowed else f"forgot {len(keys)} keys"
+        self.emit(Event("fenced", node.node_id, f"{detail}; removed {sum(map(len, copies.values()))} copies"))
+        return True
+
+    def close(self) -> None:
+        """Stop the prober (bounded wait) and close every connection."""
+        self._closed.set()
+        self._wake.set()
+        prober = self._prober
+        if prober is not None and prober is not threading.current_thread():
+            prober.join(timeout=5)
+        for node in self.topology.all_nodes():
+            node.pool.close()
+
+    def node_states(self) -> dict[str, str]:
+        return {node_id: node.health.state for node_id, node in self.topology.nodes.items()}
+
+
+def _delete_all(pools: Mapping[str, NodePool], groups: Mapping[str, list[bytes]]) -> bool:
+    def encode(wires: Any) -> bytes:
+        return b"".join(b"delete " + wire + b"\r\n" for wire in wires)
+
+    def decode(reader: Reader, wires: Any) -> list[bool]:
+        return read_deleted(reader, len(wires))
+
+    with contextlib.suppress(Exception):
+        _, errors = exchange(pools, groups, encode, decode, lambda w: len(w) + 9)
+        return not errors
+    return False
