@@ -13,8 +13,13 @@ from hypothesis import strategies as st
 from shardcache import ConfigurationError, KeyValidationError, Ring
 
 NODE_IDS = st.lists(
-    st.builds("10.{}.{}.{}:{}".format, st.integers(0, 3), st.integers(0, 255), st.integers(1, 254),
-              st.sampled_from([11211, 11212, 22122])),
+    st.builds(
+        "10.{}.{}.{}:{}".format,
+        st.integers(0, 3),
+        st.integers(0, 255),
+        st.integers(1, 254),
+        st.sampled_from([11211, 11212, 22122]),
+    ),
     min_size=1,
     max_size=12,
     unique=True,
@@ -126,8 +131,11 @@ def test_placement_is_identical_across_processes_and_hash_seeds() -> None:
     outputs = set()
     for seed in ("0", "1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        outputs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                   check=True, timeout=60).stdout)
+        outputs.add(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60
+            ).stdout
+        )
     assert len(outputs) == 1
 
 
