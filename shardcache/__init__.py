@@ -19,6 +19,7 @@ from shardcache.errors import (
     ShardcacheError,
     ValueTooLargeError,
 )
+from shardcache.health import Event
 from shardcache.nodes import NodeSpec, parse_nodes
 from shardcache.ring import Ring, RingDiff
 from shardcache.serde import (
@@ -41,6 +42,7 @@ __all__ = [
     "CompressedSerde",
     "ConfigurationError",
     "DefaultSerde",
+    "Event",
     "KeyValidationError",
     "NodeError",
     "NodeSpec",

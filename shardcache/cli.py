@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import shardcache
 
@@ -162,7 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="round-trip time of every node",
         description=(
-            "Open a connection to each node, then time COUNT 'version' round trips on it and report "
+            "Open a connection to each node, then time N 'version' round trips on it and report "
             "the median. A node is down if any call fails."
         ),
     )
@@ -267,8 +268,27 @@ def _duration(seconds: int | None) -> str:
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
-def _node_column(table: Table, title: str = "Node") -> None:
-    table.add_column(title, no_wrap=True, overflow="fold")
+_UP = Text("up", style="green")
+_DOWN = Text("DOWN", style="bold red")
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]) -> Table:
+    """A table whose cells are plain text (node ids like ``[::1]:11211`` are not rich markup).
+
+    A column title starting with ``>`` is right-aligned; ``Node``, ``From`` and ``To`` never wrap.
+    """
+    table = Table(title=Text(title))
+    for column in columns:
+        name = column.lstrip(">")
+        table.add_column(
+            name,
+            justify="right" if column.startswith(">") else "left",
+            no_wrap=name in ("Node", "From", "To"),
+            overflow="fold",
+        )
+    for row in rows:
+        table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in row))
+    return table
 
 
 # -- locate -----------------------------------------------------------------------------------------
@@ -276,20 +296,19 @@ def _node_column(table: Table, title: str = "Node") -> None:
 
 def _locate(ctx: _Context, args: argparse.Namespace) -> int:
     ring = ctx.ring
-    rows = []
+    placed = []
     for key in args.keys:
-        order = ring.preference_list(key, len(ring))
-        rows.append({"key": key, "node": order[0], "preference_list": list(order)})
+        # The bytes the user typed: str keys hash as UTF-8, and argv that is not UTF-8 is kept as is.
+        raw = key.encode("utf-8", "surrogateescape")
+        order = ring.preference_list(raw, len(ring))
+        shown = raw.decode("utf-8", "backslashreplace")
+        placed.append({"key": shown, "node": order[0], "preference_list": list(order)})
     if ctx.json:
-        _emit_json({"hashing": ring.hashing, "nodes": list(ring.nodes), "keys": rows})
+        _emit_json({"hashing": ring.hashing, "nodes": list(ring.nodes), "keys": placed})
         return EXIT_OK
-    table = Table(title=f"Key placement ({ring.hashing}, {len(ring)} nodes)")
-    table.add_column("Key", overflow="fold")
-    _node_column(table)
-    table.add_column("Failover order", overflow="fold")
-    for row in rows:
-        table.add_row(row["key"], row["node"], " → ".join(row["preference_list"][1:]) or "-")
-    ctx.console.print(table)
+    rows = [[p["key"], p["node"], " → ".join(p["preference_list"][1:]) or "-"] for p in placed]
+    title = f"Key placement ({ring.hashing}, {len(ring)} nodes)"
+    ctx.console.print(_table(title, ["Key", "Node", "Failover order"], rows))
     return EXIT_OK
 
 
@@ -423,44 +442,34 @@ def _plan(ctx: _Context, args: argparse.Namespace) -> int:
 
 def _print_plan(console: Console, doc: dict[str, Any]) -> None:
     keys = doc["keys"]
-    table = Table(title=f"Ring change ({doc['hashing']}): {len(doc['before'])} → {len(doc['after'])} nodes")
-    _node_column(table)
-    table.add_column("Change")
-    table.add_column("Weight", justify="right")
-    table.add_column("Share before", justify="right")
-    table.add_column("Share after", justify="right")
-    if keys is not None:
-        table.add_column("Keys before", justify="right")
-        table.add_column("Keys after", justify="right")
+    columns = ["Node", "Change", ">Weight", ">Share before", ">Share after"]
+    columns += [">Keys before", ">Keys after"] if keys is not None else []
+    rows = []
     for node, row in doc["nodes"].items():
         wb, wa = row["weight_before"], row["weight_after"]
         weight = f"{wb}" if wb == wa else f"{'-' if wb is None else wb} → {'-' if wa is None else wa}"
         cells = [node, row["status"], weight, _pct(row["share_before"]), _pct(row["share_after"])]
         if keys is not None:
             cells += [str(row["keys_before"]), str(row["keys_after"])]
-        table.add_row(*cells)
-    console.print(table)
-    console.print(f"Keys that move: {_pct(doc['moved_fraction'])} of the key space")
+        rows.append(cells)
+    title = f"Ring change ({doc['hashing']}): {len(doc['before'])} → {len(doc['after'])} nodes"
+    console.print(_table(title, columns, rows))
+    console.print(f"Keys that move: {_pct(doc['moved_fraction'])} of the key space", markup=False)
     if keys is not None:
         console.print(
             f"Keys from {keys['file']} that move: {keys['moved']} of {keys['total']}"
-            f" ({_pct(keys['moved_fraction'])})"
+            f" ({_pct(keys['moved_fraction'])})",
+            markup=False,
         )
-    if not doc["flows"]:
-        return
-    flows = Table(title="Where the moving keys go")
-    _node_column(flows, "From")
-    _node_column(flows, "To")
-    flows.add_column("Share of keys", justify="right")
-    if keys is not None:
-        flows.add_column("Keys", justify="right")
-    counted = {(f["from"], f["to"]): f["keys"] for f in keys["flows"]} if keys is not None else {}
-    for flow in doc["flows"]:
-        cells = [flow["from"], flow["to"], _pct(flow["fraction"])]
-        if keys is not None:
-            cells.append(str(counted.get((flow["from"], flow["to"]), 0)))
-        flows.add_row(*cells)
-    console.print(flows)
+    if doc["flows"]:
+        counted = {(f["from"], f["to"]): str(f["keys"]) for f in keys["flows"]} if keys is not None else None
+        rows = [
+            [f["from"], f["to"], _pct(f["fraction"])]
+            + ([counted.get((f["from"], f["to"]), "0")] if counted is not None else [])
+            for f in doc["flows"]
+        ]
+        columns = ["From", "To", ">Share of keys"] + ([">Keys"] if counted is not None else [])
+        console.print(_table("Where the moving keys go", columns, rows))
 
 
 def _draw_plan(path: str, nodes: dict[str, dict[str, Any]], moved: float, hashing: str) -> None:
@@ -537,16 +546,8 @@ def _stat_int(stats: dict[bytes, Any], name: str) -> int | None:
         return None
 
 
-_STAT_FIELDS = (
-    "curr_items",
-    "bytes",
-    "limit_maxbytes",
-    "get_hits",
-    "get_misses",
-    "evictions",
-    "curr_connections",
-    "uptime",
-)
+_STAT_FIELDS: tuple[str, ...] = ("curr_items", "bytes", "limit_maxbytes", "get_hits", "get_misses")
+_STAT_FIELDS += ("evictions", "curr_connections", "uptime")
 
 
 def _stats_row(result: dict[bytes, Any] | Exception) -> dict[str, Any]:
@@ -563,46 +564,48 @@ def _stats_row(result: dict[bytes, Any] | Exception) -> dict[str, Any]:
     return row
 
 
+def _print_nodes(
+    console: Console,
+    title: str,
+    columns: list[str],
+    nodes: dict[str, dict[str, Any]],
+    cells: Callable[[dict[str, Any]], list[str]],
+) -> None:
+    """A per-node table: status, the ``cells`` of up nodes, and an Error column if any is down."""
+    down = any(not row["up"] for row in nodes.values())
+    rows: list[list[str | Text]] = []
+    for node, row in nodes.items():
+        cells_row: list[str | Text] = [node, _UP if row["up"] else _DOWN]
+        cells_row += cells(row) if row["up"] else ["-"] * len(columns)
+        rows.append(cells_row + ([row["error"] or ""] if down else []))
+    console.print(_table(title, ["Node", "Status", *columns] + (["Error"] if down else []), rows))
+
+
 def _stats(ctx: _Context, args: argparse.Namespace) -> int:
     def probe(client: shardcache.Client) -> dict[bytes, Any]:
         return next(iter(client.stats().values()))
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        used, limit = row["bytes"], row["limit_maxbytes"]
+        memory = f"{_bytes(used)} / {_bytes(limit)}" + (f" ({used / limit:.0%})" if used and limit else "")
+        return [
+            row["version"] or "-",
+            str(row["curr_items"]),
+            memory,
+            _pct(row["hit_ratio"], 1),
+            str(row["evictions"]),
+            str(row["curr_connections"]),
+            _duration(row["uptime"]),
+        ]
 
     nodes = {node: _stats_row(result) for node, result in _each_node(ctx, probe, "stats")}
     down = sum(not row["up"] for row in nodes.values())
     if ctx.json:
         _emit_json({"nodes": nodes, "up": len(nodes) - down, "down": down})
     else:
-        table = Table(title=f"memcached stats: {len(nodes) - down} up, {down} down")
-        _node_column(table)
-        for title in ("Status", "Version", "Items", "Memory used / limit", "Hit ratio"):
-            table.add_column(title, justify="left" if title in ("Status", "Version") else "right")
-        for title in ("Evictions", "Connections", "Uptime"):
-            table.add_column(title, justify="right")
-        if down:
-            table.add_column("Error", overflow="fold")
-        for node, row in nodes.items():
-            if row["up"]:
-                used, limit = row["bytes"], row["limit_maxbytes"]
-                memory = f"{_bytes(used)} / {_bytes(limit)}"
-                if used is not None and limit:
-                    memory += f" ({used / limit:.0%})"
-                cells = [
-                    node,
-                    "[green]up[/]",
-                    row["version"] or "-",
-                    str(row["curr_items"]),
-                    memory,
-                    _pct(row["hit_ratio"], 1),
-                    str(row["evictions"]),
-                    str(row["curr_connections"]),
-                    _duration(row["uptime"]),
-                ]
-            else:
-                cells = [node, "[bold red]DOWN[/]", *(["-"] * 7)]
-            if down:
-                cells.append(row["error"] or "")
-            table.add_row(*cells)
-        ctx.console.print(table)
+        columns = ["Version", ">Items", ">Memory used / limit", ">Hit ratio", ">Evictions", ">Connections"]
+        title = f"memcached stats: {len(nodes) - down} up, {down} down"
+        _print_nodes(ctx.console, title, [*columns, ">Uptime"], nodes, cells)
     return EXIT_NODE_DOWN if down else EXIT_OK
 
 
@@ -619,52 +622,25 @@ def _ping(ctx: _Context, args: argparse.Namespace) -> int:
             samples.append((time.perf_counter() - start) * 1000)
         return version.decode("ascii", "replace"), samples
 
+    def cells(row: dict[str, Any]) -> list[str]:
+        samples = row["samples_ms"]
+        return [row["version"], *(f"{ms:.3f} ms" for ms in (row["rtt_ms"], min(samples), max(samples)))]
+
     nodes: dict[str, dict[str, Any]] = {}
     for node, result in _each_node(ctx, probe, "ping"):
-        if isinstance(result, Exception):
-            nodes[node] = {
-                "up": False,
-                "version": None,
-                "rtt_ms": None,
-                "samples_ms": [],
-                **_error_fields(result),
-            }
-        else:
-            version, samples = result
-            nodes[node] = {
-                "up": True,
-                **_error_fields(None),
-                "version": version,
-                "rtt_ms": statistics.median(samples),
-                "samples_ms": samples,
-            }
+        error = result if isinstance(result, Exception) else None
+        version, samples = (None, []) if isinstance(result, Exception) else result
+        nodes[node] = {
+            "up": error is None,
+            **_error_fields(error),
+            "version": version,
+            "rtt_ms": statistics.median(samples) if samples else None,
+            "samples_ms": samples,
+        }
     down = sum(not row["up"] for row in nodes.values())
     if ctx.json:
         _emit_json({"nodes": nodes, "count": count, "up": len(nodes) - down, "down": down})
     else:
-        table = Table(title=f"ping (median of {count} round trips): {len(nodes) - down} up, {down} down")
-        _node_column(table)
-        table.add_column("Status")
-        table.add_column("Version")
-        for title in ("RTT median", "min", "max"):
-            table.add_column(title, justify="right")
-        if down:
-            table.add_column("Error", overflow="fold")
-        for node, row in nodes.items():
-            if row["up"]:
-                samples = row["samples_ms"]
-                cells = [
-                    node,
-                    "[green]up[/]",
-                    row["version"],
-                    f"{row['rtt_ms']:.3f} ms",
-                    f"{min(samples):.3f} ms",
-                    f"{max(samples):.3f} ms",
-                ]
-            else:
-                cells = [node, "[bold red]DOWN[/]", "-", "-", "-", "-"]
-            if down:
-                cells.append(row["error"] or "")
-            table.add_row(*cells)
-        ctx.console.print(table)
+        title = f"ping (median of {count} round trips): {len(nodes) - down} up, {down} down"
+        _print_nodes(ctx.console, title, ["Version", ">RTT median", ">min", ">max"], nodes, cells)
     return EXIT_NODE_DOWN if down else EXIT_OK

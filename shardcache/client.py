@@ -746,16 +746,14 @@ class Client:
         A node that is down or fails is flushed before it serves again.
         """
         integer_arg(delay, "delay")
-        for node in self._membership.topology.nodes.values():
+        nodes = self._membership.topology.nodes
+        for node in nodes.values():
             if node.health.state != UP:
-                node.fence.overflowed = True
-                node.fence.add(b"")  # marks the node not ready; the overflow flushes it on return
+                node.fence.overflow()  # flushed before it serves again
         results = self._each_node("flush_all", lambda c: bool(c.flush_all(delay, noreply)), False)
         for node_id, ok in results.items():
             if not ok:
-                node = self._membership.topology.nodes[node_id]
-                node.fence.overflowed = True
-                node.fence.add(b"")
+                nodes[node_id].fence.overflow()
         return results
 
     def stats(self, *args: str) -> dict[str, dict[bytes, Any]]:

@@ -42,16 +42,20 @@ class FenceLog:
     """Keys a node must forget before it serves them again; bounded; thread-safe.
 
     Past ``limit`` keys the log stops recording and marks itself overflowed: the node is then
-    flushed as a whole before it serves again.
+    flushed as a whole before it serves again. Keys being forgotten right now (``take``n but not
+    yet ``settle``d) still count as recorded, so a read never slips through while the deletes are
+    on their way.
     """
 
-    __slots__ = ("_node", "keys", "limit", "overflowed")
+    __slots__ = ("_inflight", "_inflight_overflowed", "_node", "keys", "limit", "overflowed")
 
     def __init__(self, node: Node, limit: int) -> None:
         self._node = node
         self.keys: set[bytes] = set()
         self.limit = limit
         self.overflowed = False
+        self._inflight: set[bytes] = set()
+        self._inflight_overflowed = False
 
     def add(self, wire: bytes) -> None:
         with self._node.lock:
@@ -61,28 +65,36 @@ class FenceLog:
                 self.overflowed = True
             self._node.ready = False
 
+    def overflow(self) -> None:
+        """Record that the node must be flushed as a whole before it serves again."""
+        with self._node.lock:
+            self.overflowed = True
+            self._node.ready = False
+
     def __contains__(self, wire: object) -> bool:
-        return self.overflowed or wire in self.keys
+        return self.overflowed or self._inflight_overflowed or wire in self.keys or wire in self._inflight
 
     def __bool__(self) -> bool:
-        return self.overflowed or bool(self.keys)
+        return self.overflowed or self._inflight_overflowed or bool(self.keys) or bool(self._inflight)
 
     def take(self) -> tuple[set[bytes], bool]:
-        """Everything recorded so far, and whether the log overflowed; the log starts empty again."""
+        """What to forget now, and whether to flush instead; it stays recorded until ``settle``."""
         with self._node.lock:
-            keys, overflowed = self.keys, self.overflowed
+            self._inflight, self._inflight_overflowed = self.keys, self.overflowed
             self.keys, self.overflowed = set(), False
-            return keys, overflowed
+            return set(self._inflight), self._inflight_overflowed
 
-    def restore(self, keys: set[bytes], overflowed: bool) -> None:
-        """Put back what ``take`` returned, when applying it failed."""
+    def settle(self, done: bool) -> None:
+        """The keys from ``take`` were forgotten (``done``), or must be tried again."""
         with self._node.lock:
-            self.overflowed = self.overflowed or overflowed
-            room = self.limit - len(self.keys)
-            if len(keys) > room:
-                self.overflowed = True
-            self.keys.update(list(keys)[: max(room, 0)])
-            self._node.ready = False
+            if not done:
+                room = max(self.limit - len(self.keys), 0)
+                if len(self._inflight) > room:
+                    self.overflowed = True
+                self.keys.update(list(self._inflight)[:room])
+                self.overflowed = self.overflowed or self._inflight_overflowed
+                self._node.ready = False
+            self._inflight, self._inflight_overflowed = set(), False
 
 
 class Node:
@@ -301,7 +313,7 @@ class Membership:
             if len(copies) < self._fence_max_keys:
                 copies.add(wire)
             else:
-                node.fence.overflowed = True
+                node.fence.overflow()
 
     def capped_ttl(self, expire: int) -> int:
         """The expiry for a copy stored on a stand-in: at most ``failover_ttl_s``."""
@@ -371,10 +383,12 @@ class Membership:
             with node.lock:
                 copies, node.copies = node.copies, {}
             if not keys and not overflowed and not copies:
+                node.fence.settle(True)
                 node.refresh_ready()
                 return True
-            if not self._apply_fence(node, keys, overflowed, copies):
-                node.fence.restore(keys, overflowed)
+            done = self._apply_fence(node, keys, overflowed, copies)
+            node.fence.settle(done)
+            if not done:
                 with node.lock:
                     for holder, wires in copies.items():
                         node.copies.setdefault(holder, set()).update(wires)

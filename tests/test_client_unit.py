@@ -172,3 +172,34 @@ def test_refused_connection_is_node_unavailable() -> None:
         client.set("k", 1)
     with pytest.raises(NodeUnavailableError):
         client.set_many({"k": 1})
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"failover": "retry"}, "failover='retry'"),
+        ({"failure_threshold": 0}, "failure_threshold=0"),
+        ({"failure_threshold": -3}, "failure_threshold=-3"),
+        ({"retry_interval_s": -1}, "retry_interval_s=-1"),
+        ({"failover_ttl_s": 0}, "failover_ttl_s=0"),
+        ({"fence_max_keys": -1}, "fence_max_keys=-1"),
+        ({"failover": "gutter"}, "needs gutter_servers"),
+        ({"failover": "gutter", "gutter_servers": []}, "needs gutter_servers"),
+        ({"failover": "gutter", "gutter_servers": ["10.0.0.1:11211"]}, "also a ring member"),
+        ({"gutter_servers": ["g:0"]}, "'g:0'"),
+        ({"dead_timeout": 60}, "retry_interval_s"),
+    ],
+)
+def test_bad_failover_options_raise_naming_the_option(options: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Client(SERVERS, **options)  # type: ignore[arg-type]
+    assert fragment in str(info.value)
+
+
+def test_new_client_reports_every_node_up_with_zero_counters() -> None:
+    client = Client(SERVERS)
+    assert client.node_states() == dict.fromkeys(client.nodes, "up")
+    assert all(
+        c == {"ops": 0, "errors": 0, "timeouts": 0, "failovers": 0, "state_changes": 0}
+        for c in client.node_counters().values()
+    )

@@ -1,0 +1,248 @@
+"""Failover with real faults: killed, frozen, blackholed, slowed, restarted and flapping nodes.
+
+Every client here reaches its nodes through a FaultProxy, so a restarted container (which gets a
+new host port) is reached again at the same address. Assertions are about outcomes: no exception
+under on_error="miss", healthy keys keep hitting, nothing stale after a node returns. Latency is
+bounded generously (a hang would exceed the bound by far); the measured figures live in
+benchmarks/failover_bench.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shardcache import Client, Event, NodeUnavailableError
+from shardcache.testing import FaultProxy, LocalCluster, MemcachedNode
+
+pytestmark = pytest.mark.smoke
+
+TIMEOUT = 0.3
+FAST = {
+    "connect_timeout": TIMEOUT,
+    "timeout": TIMEOUT,
+    "failure_threshold": 2,
+    "retry_interval_s": 0.2,
+    "max_retry_interval_s": 0.5,
+}
+BOUND = TIMEOUT + 1.0  # no call may take longer: a hang would show as many seconds
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+class Rig:
+    """A 3-node cluster behind proxies, and a way to name the node a key lives on."""
+
+    def __init__(self, cluster: LocalCluster, make_proxy: Callable[[MemcachedNode], FaultProxy]) -> None:
+        self.cluster = cluster
+        self.proxies = [make_proxy(node) for node in cluster.nodes]
+        self.specs = [p.spec for p in self.proxies]
+
+    def client(self, **options: Any) -> Client:
+        return Client(self.specs, **{**FAST, **options})
+
+    def victim(self, index: int = 0) -> tuple[MemcachedNode, FaultProxy, str]:
+        return self.cluster.nodes[index], self.proxies[index], self.specs[index]
+
+    def follow(self, index: int) -> None:
+        """After a container restart, point the proxy at the node's new port."""
+        self.proxies[index].set_target(*self.cluster.nodes[index].address)
+
+
+@pytest.fixture
+def rig(fresh_cluster: Callable[..., LocalCluster], fault_proxy: Callable[..., FaultProxy]) -> Iterator[Rig]:
+    yield Rig(fresh_cluster(3), fault_proxy)
+
+
+def keys_on(client: Client, spec: str, n: int, prefix: str = "k") -> list[str]:
+    found = [k for k in (f"{prefix}{i}" for i in range(20 * n + 200)) if client.node_for(k) == spec]
+    assert len(found) >= n
+    return found[:n]
+
+
+def test_kill_under_load_surfaces_no_exception_and_healthy_keys_keep_hitting(rig: Rig) -> None:
+    events: list[Event] = []
+    with rig.client(on_error="miss") as client:
+        client.add_listener(events.append)
+        node, proxy, dead = rig.victim(0)
+        keys = [f"load:{i}" for i in range(600)]
+        client.set_many({k: k for k in keys})
+        healthy = [k for k in keys if client.node_for(k) != dead]
+        problems: list[str] = []
+        slowest = [0.0]
+        stop = threading.Event()
+
+        def worker(n: int) -> None:
+            i = 0
+            while not stop.is_set() and i < 5000:
+                i += 1
+                key = healthy[(n * 37 + i) % len(healthy)]
+                other = keys[(n * 53 + i) % len(keys)]
+                try:
+                    started = time.monotonic()
+                    if client.get(key) != key:
+                        problems.append(f"healthy key {key} missed")
+                    client.get(other)
+                    client.set(other, other)
+                    client.get_many([key, other])
+                    slowest[0] = max(slowest[0], time.monotonic() - started)
+                except Exception as exc:  # the point of the test: nothing may surface
+                    problems.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        node.kill()
+        assert wait_until(lambda: client.node_states()[dead] != "up")
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+        assert problems == []
+        assert slowest[0] <= 4 * BOUND  # 4 calls per iteration, each bounded
+        assert {e.kind for e in events} >= {"error", "node_down"}
+        counters = client.node_counters()[dead]
+        assert counters["errors"] >= 1 and counters["state_changes"] >= 1
+
+
+@pytest.mark.parametrize("fault", ["pause", "blackhole", "slow"])
+def test_a_hung_node_costs_at_most_a_timeout_then_nothing(rig: Rig, fault: str) -> None:
+    with rig.client(on_error="miss", retry_interval_s=30) as client:
+        node, proxy, hung = rig.victim(1)
+        mine = keys_on(client, hung, 20)
+        others = [k for k in (f"o{i}" for i in range(200)) if client.node_for(k) != hung][:50]
+        client.set_many({k: 1 for k in mine + others})
+        if fault == "pause":
+            node.pause()
+        elif fault == "blackhole":
+            proxy.blackhole()
+        else:
+            proxy.set_latency(TIMEOUT * 3)
+        try:
+            durations = []
+            for key in mine:
+                started = time.monotonic()
+                assert client.get(key) is None
+                durations.append(time.monotonic() - started)
+            assert max(durations) <= BOUND
+            assert client.node_states()[hung] == "down"
+            after_down = durations[FAST["failure_threshold"] :]
+            assert max(after_down) < TIMEOUT  # a DOWN node is not contacted at all
+            assert client.get_many(others) == {k: 1 for k in others}  # healthy keys still hit
+        finally:
+            if fault == "pause":
+                node.unpause()
+            else:
+                proxy.heal()
+                proxy.set_latency(0)
+
+
+@pytest.mark.parametrize("policy", ["fail_fast", "remap", "gutter"])
+@pytest.mark.parametrize("change", ["delete", "overwrite"])
+def test_no_stale_read_after_a_frozen_node_returns(
+    rig: Rig, fresh_cluster: Callable[..., LocalCluster], policy: str, change: str
+) -> None:
+    gutter = fresh_cluster(1).specs if policy == "gutter" else None
+    with rig.client(on_error="miss", failover=policy, gutter_servers=gutter) as client:
+        node, _, frozen = rig.victim(2)
+        keys = keys_on(client, frozen, 30, prefix="page:")
+        client.set_many({k: "v1" for k in keys})
+        node.pause()
+        try:
+            assert wait_until(lambda: (client.get(keys[0]), client.node_states()[frozen])[1] != "up")
+            if change == "delete":
+                client.delete_many(keys[:10])
+                for k in keys[10:20]:
+                    client.delete(k)
+            else:
+                client.set_many({k: "v2" for k in keys[:10]})
+                for k in keys[10:20]:
+                    client.set(k, "v2")
+            if policy != "fail_fast":  # stand-ins serve meanwhile, and never the old value
+                assert all(client.get(k) in (None, "v2") for k in keys[:20])
+        finally:
+            node.unpause()
+        assert wait_until(lambda: client.node_states()[frozen] == "up")
+        for k in keys[:20]:
+            assert client.get(k) in ((None,) if change == "delete" or policy == "fail_fast" else (None, "v2"))
+        assert client.get_many(keys[20:]) == {k: "v1" for k in keys[20:]}  # untouched keys survive
+        if policy == "gutter":
+            with Client(gutter) as direct:
+                assert direct.get_many(keys) == {}  # the gutter copies were removed on rejoin
+
+
+def test_restart_is_readmitted_within_the_probe_interval_and_fenced(rig: Rig) -> None:
+    events: list[Event] = []
+    with rig.client(on_error="raise") as client:
+        client.add_listener(events.append)
+        node, _, victim = rig.victim(0)
+        keys = keys_on(client, victim, 10)
+        client.set_many(dict.fromkeys(keys, "old"))
+        node.kill()
+        with pytest.raises(NodeUnavailableError):
+            client.get(keys[0])
+        with pytest.raises(NodeUnavailableError):
+            client.get(keys[0])
+        assert client.node_states()[victim] == "down"
+        with pytest.raises(NodeUnavailableError, match="down"):
+            client.delete(keys[1])  # fail fast, but the delete is kept for the node's return
+        node.start()
+        rig.follow(0)
+        assert wait_until(lambda: client.node_states()[victim] == "up")
+        kinds = [e.kind for e in events if e.node_id == victim]
+        assert kinds.index("node_down") < kinds.index("fenced") < kinds.index("node_up")
+        assert client.get(keys[1]) is None
+        assert client.set(keys[1], "new") and client.get(keys[1]) == "new"
+
+
+def test_a_delete_that_fails_is_applied_when_the_node_answers_again(rig: Rig) -> None:
+    with rig.client(on_error="miss", failure_threshold=5) as client:
+        node, proxy, victim = rig.victim(1)
+        key = keys_on(client, victim, 1)[0]
+        client.set(key, "stale-after-db-write")
+        proxy.blackhole()
+        assert client.delete(key) is False  # the app's invalidation fails (node still UP)
+        assert client.node_states()[victim] == "up"
+        proxy.heal()
+        assert client.get(key) is None  # fenced: never the old value, even before the retry lands
+        assert wait_until(lambda: client.node_counters()[victim]["ops"] > 0 and _absent(victim, key))
+
+
+def _absent(spec: str, key: str) -> bool:
+    with Client([spec]) as direct:
+        return direct.get(key) is None
+
+
+def test_flapping_node_never_serves_stale_values(rig: Rig) -> None:
+    with rig.client(on_error="miss", failover="remap") as client:
+        node, proxy, flappy = rig.victim(2)
+        keys = keys_on(client, flappy, 15)
+        truth = {k: 0 for k in keys}
+        client.set_many(truth)
+        for round_ in range(1, 7):
+            if round_ % 2:
+                proxy.blackhole()
+            else:
+                proxy.heal()
+            for k in keys:
+                truth[k] = round_
+                client.set(k, round_)
+            for k in keys:
+                assert client.get(k) in (None, truth[k])
+        proxy.heal()
+        assert wait_until(lambda: client.node_states()[flappy] == "up")
+        for k in keys:
+            assert client.get(k) in (None, truth[k])
