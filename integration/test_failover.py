@@ -75,7 +75,7 @@ def test_kill_under_load_surfaces_no_exception_and_healthy_keys_keep_hitting(rig
     events: list[Event] = []
     with rig.client(on_error="miss") as client:
         client.add_listener(events.append)
-        node, proxy, dead = rig.victim(0)
+        node, _, dead = rig.victim(0)
         keys = [f"load:{i}" for i in range(600)]
         client.set_many({k: k for k in keys})
         healthy = [k for k in keys if client.node_for(k) != dead]
@@ -210,7 +210,7 @@ def test_restart_is_readmitted_within_the_probe_interval_and_fenced(rig: Rig) ->
 
 def test_a_delete_that_fails_is_applied_when_the_node_answers_again(rig: Rig) -> None:
     with rig.client(on_error="miss", failure_threshold=5) as client:
-        node, proxy, victim = rig.victim(1)
+        _, proxy, victim = rig.victim(1)
         key = keys_on(client, victim, 1)[0]
         client.set(key, "stale-after-db-write")
         proxy.blackhole()
@@ -228,7 +228,7 @@ def _absent(spec: str, key: str) -> bool:
 
 def test_flapping_node_never_serves_stale_values(rig: Rig) -> None:
     with rig.client(on_error="miss", failover="remap") as client:
-        node, proxy, flappy = rig.victim(2)
+        _, proxy, flappy = rig.victim(2)
         keys = keys_on(client, flappy, 15)
         truth = {k: 0 for k in keys}
         client.set_many(truth)
