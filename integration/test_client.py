@@ -41,6 +41,7 @@ def client(cluster: LocalCluster) -> Client:
 @pytest.mark.smoke
 def test_each_key_lives_on_the_node_the_ring_names(client: Client, cluster: LocalCluster) -> None:
     keys = [f"books/{i}" for i in range(300)]
+    sets_before = {node: int(stats[b"cmd_set"]) for node, stats in client.stats().items()}
     assert client.set_many({k: f"page {k}" for k in keys}) == []
     per_node = Counter(client.node_for(k) for k in keys)
     assert set(per_node) == set(cluster.specs)  # spread over every node
@@ -48,8 +49,8 @@ def test_each_key_lives_on_the_node_the_ring_names(client: Client, cluster: Loca
         assert _direct_get(client.node_for(key), key) == f"page {key}".encode()
         for other in set(cluster.specs) - {client.node_for(key)}:
             assert _direct_get(other, key) is None
-    items = {node: int(stats[b"curr_items"]) for node, stats in client.stats().items()}
-    assert items == dict(per_node)
+    sets = {node: int(stats[b"cmd_set"]) - sets_before[node] for node, stats in client.stats().items()}
+    assert sets == dict(per_node)  # each node received exactly the sets for its keys
 
 
 @pytest.mark.smoke

@@ -3,6 +3,8 @@
 The public API is what ``__all__`` lists; everything else is private.
 """
 
+import logging
+
 from shardcache.client import CasToken, Client
 from shardcache.errors import (
     ArgumentError,
@@ -10,6 +12,7 @@ from shardcache.errors import (
     CommandError,
     ConfigurationError,
     KeyValidationError,
+    LockError,
     NodeError,
     NodeTimeoutError,
     NodeUnavailableError,
@@ -21,6 +24,7 @@ from shardcache.errors import (
 )
 from shardcache.health import Event
 from shardcache.nodes import NodeSpec, parse_nodes
+from shardcache.recipes import Lock
 from shardcache.ring import Ring, RingDiff
 from shardcache.serde import (
     CompressedSerde,
@@ -33,6 +37,8 @@ from shardcache.serde import (
 
 __version__ = "0.1.0"
 
+logging.getLogger("shardcache").addHandler(logging.NullHandler())
+
 __all__ = [
     "ArgumentError",
     "CasConflictError",
@@ -44,6 +50,8 @@ __all__ = [
     "DefaultSerde",
     "Event",
     "KeyValidationError",
+    "Lock",
+    "LockError",
     "NodeError",
     "NodeSpec",
     "NodeTimeoutError",

@@ -9,51 +9,31 @@ follow the failover policy at once (see ``shardcache.membership`` for fencing).
 
 from __future__ import annotations
 
-import builtins
-import inspect
-import socket
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import ModuleType, TracebackType
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
 
 from pymemcache.client.base import Client as PymemcacheClient
-from pymemcache.serde import LegacyWrappingSerde
 
-from shardcache._config import (
-    BAD_KEY_BYTE,
-    MAX_KEY_LENGTH,
-    check_choice,
-    check_int,
-    check_prefix,
-    check_seconds,
-    integer_arg,
-    key_problem,
-    unknown_option,
-)
-from shardcache._pool import NodePool, node_failure
+from shardcache import recipes
+from shardcache._config import integer_arg
+from shardcache._core import COUNTER, READ, WRITE, ClientCore, Key
+from shardcache._pool import node_failure
 from shardcache._wire import Reader, exchange, read_deleted, read_stored, read_values
 from shardcache.errors import (
-    ConfigurationError,
-    KeyValidationError,
-    NodeUnavailableError,
-    ProtocolError,
-    SerializationError,
-    ServerError,
+    ArgumentError,
+    CasConflictError,
     ValueTooLargeError,
 )
-from shardcache.health import UP, Clock, Event, HealthPolicy
-from shardcache.membership import FAILOVER_POLICIES, Membership, Node, Topology
-from shardcache.nodes import NodeSpec, NodeSpecLike, parse_nodes
-from shardcache.ring import Ring
-from shardcache.serde import Serde, default_serde
+from shardcache.health import UP
+from shardcache.membership import Node
 
 __all__ = ["CasToken", "Client"]
 
-Key = str | bytes
 T = TypeVar("T")
-
-_READ, _WRITE, _COUNTER = 0, 1, 2
+P = ParamSpec("P")
+R = TypeVar("R")
+_READ, _WRITE, _COUNTER = READ, WRITE, COUNTER
 
 
 class CasToken(bytes):
@@ -74,7 +54,7 @@ class CasToken(bytes):
         return (CasToken, (bytes(self), self.node_id))
 
 
-class Client:
+class Client(ClientCore):
     """A memcached client over many nodes, with pymemcache's methods; thread-safe.
 
     ``Client(servers, **options)``: ``servers`` is a list of node specs (``"host:port[:weight]"``,
@@ -109,257 +89,6 @@ class Client:
     ``lock_generator`` are accepted and ignored (shardcache always pools, without locks).
     """
 
-    def __init__(
-        self,
-        servers: Iterable[NodeSpecLike] | str,
-        *,
-        hashing: str = "mmh3",
-        ketama_naming: str = "libmemcached",
-        hash_key_prefix: bool = False,
-        serde: Serde | None = None,
-        serializer: Callable[[Any, Any], tuple[Any, int]] | None = None,
-        deserializer: Callable[[Any, bytes, int], Any] | None = None,
-        connect_timeout: float | None = 1.0,
-        timeout: float | None = 1.0,
-        no_delay: bool = True,
-        socket_module: ModuleType = socket,
-        socket_keepalive: Any = None,
-        key_prefix: str | bytes = b"",
-        default_noreply: bool = False,
-        allow_unicode_keys: bool = False,
-        encoding: str = "ascii",
-        tls_context: Any = None,
-        max_pool_size: int | None = None,
-        pool_idle_timeout: float = 0,
-        on_error: str = "raise",
-        failover: str = "fail_fast",
-        failure_threshold: int = 2,
-        retry_interval_s: float = 1.0,
-        max_retry_interval_s: float = 30.0,
-        failover_ttl_s: int = 60,
-        gutter_servers: Iterable[NodeSpecLike] | str | None = None,
-        fence_max_keys: int = 10_000,
-        clock: Clock = time.monotonic,
-        ignore_exc: bool = False,
-        use_pooling: bool = True,
-        lock_generator: Any = None,
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise unknown_option(unknown, _OPTION_NAMES)
-        check_seconds("connect_timeout", connect_timeout, allow_none=True)
-        check_seconds("timeout", timeout, allow_none=True)
-        check_seconds("pool_idle_timeout", pool_idle_timeout)
-        check_int("max_pool_size", max_pool_size, minimum=1, allow_none=True)
-        check_choice("on_error", on_error, ("raise", "miss"))
-        check_choice("failover", failover, FAILOVER_POLICIES)
-        check_int("failover_ttl_s", failover_ttl_s, minimum=1)
-        check_int("fence_max_keys", fence_max_keys, minimum=0)
-        policy = HealthPolicy(
-            failure_threshold=failure_threshold,
-            retry_interval_s=retry_interval_s,
-            max_retry_interval_s=max(max_retry_interval_s, retry_interval_s)
-            if isinstance(retry_interval_s, int | float) and isinstance(max_retry_interval_s, int | float)
-            else max_retry_interval_s,
-        )
-        if serde is None:
-            serde = (
-                LegacyWrappingSerde(serializer, deserializer)
-                if serializer is not None or deserializer is not None
-                else default_serde
-            )
-        elif not (
-            callable(getattr(serde, "serialize", None)) and callable(getattr(serde, "deserialize", None))
-        ):
-            raise ConfigurationError(f"serde={serde!r}: needs serialize() and deserialize() methods")
-        self._prefix = check_prefix(key_prefix)
-        self._hash_prefix = bool(hash_key_prefix)
-        self._key_encoding = "utf-8" if allow_unicode_keys else "ascii"
-        self._serde: Serde = serde
-        self._encoding = encoding
-        self._default_noreply = bool(default_noreply)
-        self._miss_on_error = on_error == "miss" or bool(ignore_exc)
-        self._connection_options: dict[str, Any] = {
-            "serde": serde,
-            "connect_timeout": connect_timeout,
-            "timeout": timeout,
-            "no_delay": no_delay,
-            "socket_module": socket_module,
-            "socket_keepalive": socket_keepalive,
-            "key_prefix": b"",
-            "default_noreply": self._default_noreply,
-            "allow_unicode_keys": True,  # keys are validated and encoded here, before pymemcache
-            "encoding": encoding,
-            "tls_context": tls_context,
-        }
-        self._max_idle = max_pool_size
-        self._idle_timeout = float(pool_idle_timeout)
-        ring = Ring(servers, hashing=hashing, ketama_naming=ketama_naming)
-        gutter_ring = self._gutter_ring(failover, gutter_servers, ring, hashing)
-        self._membership = Membership(
-            ring,
-            make_pool=self._make_pool,
-            probe_connection=self._connection,
-            policy=policy,
-            failover=failover,
-            failover_ttl_s=failover_ttl_s,
-            gutter_ring=gutter_ring,
-            fence_max_keys=fence_max_keys,
-            clock=clock,
-        )
-
-    @staticmethod
-    def _gutter_ring(
-        failover: str, gutter_servers: Iterable[NodeSpecLike] | str | None, ring: Ring, hashing: str
-    ) -> Ring | None:
-        if gutter_servers is None or (not isinstance(gutter_servers, str) and not list(gutter_servers)):
-            if failover == "gutter":
-                raise ConfigurationError("failover='gutter' needs gutter_servers: a list of memcached nodes")
-            return None
-        gutter = parse_nodes(gutter_servers)
-        shared = [spec.node_id for spec in gutter if spec.node_id in ring]
-        if shared:
-            raise ConfigurationError(f"gutter_servers: {shared[0]!r} is also a ring member")
-        return Ring(list(gutter), hashing=hashing)
-
-    def _connection(self, spec: NodeSpec) -> PymemcacheClient:
-        return PymemcacheClient(spec.address, **self._connection_options)
-
-    def _make_pool(self, spec: NodeSpec) -> NodePool:
-        return NodePool(
-            spec.node_id,
-            lambda: self._connection(spec),
-            max_idle=self._max_idle,
-            idle_timeout=self._idle_timeout,
-        )
-
-    # -- keys and routing -------------------------------------------------------------------------
-
-    def _wire_key(self, key: Key) -> tuple[bytes, bytes]:
-        """``(hashed key, key as sent)``; ``KeyValidationError`` naming the key if it is unsafe."""
-        if type(key) is str:
-            try:
-                raw = key.encode(self._key_encoding)
-            except UnicodeEncodeError:
-                hint = (
-                    ": pass allow_unicode_keys=True for UTF-8 keys" if self._key_encoding == "ascii" else ""
-                )
-                raise KeyValidationError(f"key {key!r} is not {self._key_encoding}{hint}") from None
-        elif isinstance(key, bytes | bytearray | memoryview):
-            raw = bytes(key)
-        else:
-            raise KeyValidationError(f"key must be str or bytes, got {type(key).__name__}: {key!r}")
-        wire = self._prefix + raw if self._prefix else raw
-        if not raw or len(wire) > MAX_KEY_LENGTH or BAD_KEY_BYTE(wire):
-            raise KeyValidationError(key_problem(key, raw, wire))
-        return (wire if self._hash_prefix else raw), wire
-
-    def node_for(self, key: Key) -> str:
-        """The id of the node that owns ``key`` on the ring (whatever its health)."""
-        return self._membership.topology.ring.node_for(self._wire_key(key)[0])
-
-    @property
-    def nodes(self) -> tuple[str, ...]:
-        """The node ids, in the order they were configured."""
-        return self._membership.topology.ring.nodes
-
-    @property
-    def ring(self) -> Ring:
-        """The current ring (an immutable value)."""
-        return self._membership.topology.ring
-
-    def node_states(self) -> dict[str, str]:
-        """``{node_id: "up" | "down" | "probing"}`` for every ring node."""
-        return self._membership.node_states()
-
-    def node_counters(self) -> dict[str, dict[str, int]]:
-        """Per node: ``ops``, ``errors``, ``timeouts``, ``failovers``, ``state_changes``."""
-        return {node_id: node.counters() for node_id, node in self._membership.topology.nodes.items()}
-
-    def add_listener(self, callback: Callable[[Event], None]) -> None:
-        """Call ``callback(event)`` on every ``shardcache.Event``: node_down, node_up, failover,
-        error, fenced. Callbacks run on the thread that saw the event; exceptions are logged."""
-        self._membership.add_listener(callback)
-
-    def remove_listener(self, callback: Callable[[Event], None]) -> None:
-        """Stop calling ``callback``."""
-        self._membership.remove_listener(callback)
-
-    # -- failures ---------------------------------------------------------------------------------
-
-    def _miss(self, err: BaseException, *, reading: bool) -> bool:
-        """True if ``err`` is to become a miss (on_error='miss'); False if it must be raised."""
-        if not self._miss_on_error:
-            return False
-        return isinstance(err, NodeUnavailableError | ServerError | ProtocolError) or (
-            reading and isinstance(err, SerializationError)
-        )
-
-    def _down(self, node: Node, what: str) -> NodeUnavailableError:
-        return NodeUnavailableError(
-            f"memcached node {node.node_id} is {node.health.state} "
-            f"({what}; failover={self._membership.failover})",
-            node.node_id,
-        )
-
-    def _route(
-        self, topology: Topology, node: Node, hash_key: bytes, wire: bytes, kind: int, what: str
-    ) -> Node | None:
-        """Where a call for ``node``'s key goes when ``node`` is not ready; None: nowhere (a miss).
-
-        Raises (``on_error="raise"``) when the node is down and the policy has no stand-in.
-        """
-        membership = self._membership
-        if node.health.state == UP:  # up, with keys still to forget
-            if kind == _READ and wire in node.fence:
-                return None
-            return node
-        target = membership.stand_in(topology, node, hash_key, counter=kind == _COUNTER)
-        if target is None:
-            if kind != _READ:
-                node.fence.add(wire)  # the write did not happen: the node's old value must go
-            if self._miss_on_error:
-                return None
-            raise self._down(node, what)
-        membership.stood_in(node, target, wire)
-        return target
-
-    def _run(
-        self,
-        key: Key,
-        what: str,
-        call: Callable[[PymemcacheClient, bytes, Node, bool], T],
-        missed: T,
-        kind: int,
-    ) -> T:
-        """Run ``call(connection, wire_key, target, stand_in)`` on the node serving ``key``."""
-        hash_key, wire = self._wire_key(key)
-        topology = self._membership.topology
-        node = topology.nodes[topology.ring.node_for(hash_key)]
-        target = node
-        if not node.ready:
-            routed = self._route(topology, node, hash_key, wire, kind, what)
-            if routed is None:
-                return missed
-            target = routed
-        target.ops += 1
-        pool = target.pool
-        conn = pool.acquire()
-        try:
-            result = call(conn, wire, target, target is not node)
-        except Exception as exc:
-            pool.discard(conn)
-            err = self._membership.failed(target, exc, what, key, None if kind == _READ else wire)
-            if self._miss(err, reading=kind == _READ):
-                return missed
-            if err is exc:
-                raise
-            raise err from exc
-        pool.release(conn)
-        if target.health.failures:
-            target.health.record_success()
-        return result
-
     # -- single-key commands ----------------------------------------------------------------------
 
     def get(self, key: Key, default: Any = None) -> Any:
@@ -373,7 +102,7 @@ class Client:
         pool = node.pool
         conn = pool.acquire()
         try:
-            value = conn.get(wire, default)
+            value = conn.get(wire, _MISSING)
         except Exception as exc:
             pool.discard(conn)
             err = self._membership.failed(node, exc, "get", key, None)
@@ -385,6 +114,10 @@ class Client:
         pool.release(conn)
         if node.health.failures:
             node.health.record_success()
+        if value is _MISSING:
+            if topology.previous is not None:
+                return self._warm(topology, [(hash_key, wire, node)]).get(wire, default)
+            return default
         return value
 
     def set(
@@ -417,6 +150,8 @@ class Client:
         pool.release(conn)
         if node.health.failures:
             node.health.record_success()
+        if topology.previous is not None:
+            self._forget_previous(topology, [(hash_key, wire, node)])
         return bool(stored)
 
     def _store(
@@ -464,7 +199,10 @@ class Client:
             value, token = c.gets(k, default, None)
             return missing if token is None else (value, CasToken(token, target.node_id))
 
-        return self._run(key, "gets", call, missing, _READ)
+        found = self._run(key, "gets", call, missing, _READ)
+        if found is missing and self._warm_one(key):  # moved in a membership change: copied over
+            found = self._run(key, "gets", call, missing, _READ)
+        return found
 
     def cas(
         self, key: Key, value: Any, cas: Any, expire: int = 0, noreply: bool = False, flags: int | None = None
@@ -493,24 +231,66 @@ class Client:
         """
         return self._run(key, "delete", lambda c, k, t, s: bool(c.delete(k, noreply)), False, _WRITE)
 
-    def incr(self, key: Key, value: int, noreply: bool | None = False) -> int | None:
+    def incr(
+        self,
+        key: Key,
+        value: int,
+        noreply: bool | None = False,
+        *,
+        initial: int | None = None,
+        expire: int = 0,
+    ) -> int | None:
         """Add ``value`` to the counter at ``key``: the new value, or None if ``key`` is absent.
 
-        memcached counters are unsigned 64-bit integers stored as decimal text: ``incr`` wraps around
-        at 2**64, and a value that is not a number raises ``CommandError``. Counters are never moved
-        to a stand-in node while theirs is down: the call misses (or raises) instead.
+        With ``initial``, an absent counter is created at ``initial`` (with ``expire``) and
+        ``initial`` is returned; creation uses ``add``, so concurrent creators never overwrite each
+        other's increments. memcached counters are unsigned 64-bit integers stored as decimal text:
+        ``incr`` wraps around at 2**64, ``decr`` stops at 0, and a value that is not a number
+        raises ``CommandError``. A counter is never moved to a stand-in node while its node is down:
+        the call misses (or raises) instead, so no count restarts from zero elsewhere.
         """
-        result: int | None = self._run(
-            key, "incr", lambda c, k, t, s: c.incr(k, value, noreply), None, _COUNTER
-        )
-        return result
+        return self._counter("incr", key, value, noreply, initial, expire)
 
-    def decr(self, key: Key, value: int, noreply: bool | None = False) -> int | None:
-        """Subtract ``value`` from the counter at ``key`` (floored at 0): the new value, or None."""
-        result: int | None = self._run(
-            key, "decr", lambda c, k, t, s: c.decr(k, value, noreply), None, _COUNTER
+    def decr(
+        self,
+        key: Key,
+        value: int,
+        noreply: bool | None = False,
+        *,
+        initial: int | None = None,
+        expire: int = 0,
+    ) -> int | None:
+        """Subtract ``value`` from the counter at ``key`` (floored at 0): the new value, or None.
+
+        ``initial`` and ``expire`` as for ``incr``.
+        """
+        return self._counter("decr", key, value, noreply, initial, expire)
+
+    def _counter(
+        self, name: str, key: Key, delta: int, noreply: bool | None, initial: int | None, expire: int
+    ) -> int | None:
+        if initial is not None and (isinstance(initial, bool) or not isinstance(initial, int) or initial < 0):
+            raise ArgumentError(f"initial must be an int >= 0, got {initial!r}")
+
+        def call(c: PymemcacheClient, k: bytes, t: Node, s: bool) -> int | None:
+            result: int | None = getattr(c, name)(k, delta, noreply)
+            return result
+
+        for _ in range(_CREATE_ATTEMPTS):
+            result = self._run(key, name, call, None, _COUNTER)
+            if result is not None or noreply:
+                return result
+            if self._warm_one(key):  # the counter is still on its previous owner: bring it over
+                continue
+            if initial is None:
+                return None
+            if self.add(key, b"%d" % initial, expire, noreply=False, flags=_FLAG_INTEGER):
+                return initial
+        raise CasConflictError(
+            f"{name}({key!r}, initial={initial}): the counter kept appearing and disappearing",
+            key,
+            _CREATE_ATTEMPTS,
         )
-        return result
 
     def touch(self, key: Key, expire: int = 0, noreply: bool | None = None) -> bool:
         """Set a new expiry on ``key``. True if it exists."""
@@ -523,68 +303,58 @@ class Client:
             _WRITE,
         )
 
+    # -- race-free patterns (shardcache.recipes) ---------------------------------------------------
+
+    def cas_update(
+        self,
+        key: Key,
+        fn: Callable[[Any], Any],
+        *,
+        initial: Any = None,
+        expire: int = 0,
+        max_attempts: int = 64,
+        backoff_s: float = 0.001,
+        max_backoff_s: float = 0.05,
+    ) -> Any:
+        """Apply ``fn`` to the value of ``key`` atomically (the CAS retry loop); the stored value.
+
+        An absent key is created with ``add(key, fn(initial))``. ``fn`` may run more than once; if
+        it raises, nothing is written. ``CasConflictError`` after ``max_attempts`` conflicts. See
+        ``shardcache.recipes.cas_update``.
+        """
+        return recipes.cas_update(
+            self, key, fn, initial=initial, expire=expire, max_attempts=max_attempts,
+            backoff_s=backoff_s, max_backoff_s=max_backoff_s,
+        )  # fmt: skip
+
+    def lock(self, name: Key, *, ttl_s: int = 30, blocking_timeout_s: float | None = 10.0) -> recipes.Lock:
+        """A distributed lock (context manager): ``with client.lock("report:42"): ...``.
+
+        Held by a unique owner token in key ``name + ":lock"``, expiring after ``ttl_s``; released
+        only by its owner. ``LockError`` if not acquired within ``blocking_timeout_s``.
+        """
+        return recipes.Lock(self, name, ttl_s=ttl_s, blocking_timeout_s=blocking_timeout_s)
+
+    def get_or_set(
+        self,
+        key: Key,
+        factory: Callable[[], Any],
+        *,
+        expire: int = 0,
+        lock_ttl_s: int = 10,
+        wait_s: float | None = None,
+    ) -> Any:
+        """The cached value of ``key``; on a miss one caller across all processes runs ``factory``
+        and stores its result while the others wait for it (stampede protection)."""
+        return recipes.get_or_set(self, key, factory, expire=expire, lock_ttl_s=lock_ttl_s, wait_s=wait_s)
+
+    def cached(
+        self, *, expire: int = 0, key: Callable[..., Key] | str | None = None, lock_ttl_s: int = 10
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorator caching a function's result (``get_or_set`` per call); see ``recipes.cached``."""
+        return recipes.cached(self, expire=expire, key=key, lock_ttl_s=lock_ttl_s)
+
     # -- multi-key commands -----------------------------------------------------------------------
-
-    def _plan(
-        self, keys: Iterable[Key], kind: int, what: str
-    ) -> tuple[dict[str, Node], dict[str, dict[bytes, Key]], builtins.set[bytes], dict[str, BaseException]]:
-        """Validate every key, then route it: targets, ``{target: {wire: key}}``, the wires going to
-        stand-ins, and the failures of nodes that are down with no stand-in."""
-        hashed = [(key, *self._wire_key(key)) for key in keys]
-        topology = self._membership.topology
-        node_for = topology.ring.node_for
-        targets: dict[str, Node] = {}
-        groups: dict[str, dict[bytes, Key]] = {}
-        moved: builtins.set[bytes] = builtins.set()
-        down: dict[str, BaseException] = {}
-        for key, hash_key, wire in hashed:
-            node = topology.nodes[node_for(hash_key)]
-            target = node
-            if not node.ready:
-                try:
-                    routed = self._route(topology, node, hash_key, wire, kind, what)
-                except NodeUnavailableError as exc:
-                    down.setdefault(node.node_id, exc)
-                    continue
-                if routed is None:
-                    continue
-                if routed is not node:
-                    moved.add(wire)
-                target = routed
-            group = groups.get(target.node_id)
-            if group is None:
-                targets[target.node_id] = target
-                groups[target.node_id] = {wire: key}
-            else:
-                group[wire] = key
-        for target in targets.values():
-            target.ops += 1
-        return targets, groups, moved, down
-
-    def _settle(
-        self, targets: Mapping[str, Node], errors: Mapping[str, Exception], down: Mapping[str, BaseException],
-        what: str, *, reading: bool, fenced: Mapping[str, Iterable[bytes]] | None = None,
-    ) -> None:  # fmt: skip
-        """Report the failures of a multi-key call; raise the first unless on_error='miss'."""
-        first: tuple[BaseException, BaseException] | None = None
-        for node_id, exc in errors.items():
-            node = targets[node_id]
-            err = self._membership.failed(node, exc, what, None, None)
-            if fenced is not None and isinstance(err, NodeUnavailableError | ProtocolError):
-                for wire in fenced[node_id]:
-                    node.fence.add(wire)
-            if not self._miss(err, reading=reading) and first is None:
-                first = (err, exc)
-        if first is None and down and not self._miss_on_error:
-            raise next(iter(down.values()))
-        if first is not None:
-            translated, original = first
-            if translated is original:
-                raise translated
-            raise translated from original
-        for target in targets.values():
-            if target.health.failures and target.node_id not in errors:
-                target.health.record_success()
 
     def _fetch(self, keys: Iterable[Key], with_cas: bool) -> dict[Key, Any]:
         what = "gets_many" if with_cas else "get_many"
@@ -718,28 +488,6 @@ class Client:
         return not errors and not down
 
     # -- cluster-wide commands --------------------------------------------------------------------
-
-    def _each_node(self, what: str, call: Callable[[PymemcacheClient], T], fallback: T) -> dict[str, T]:
-        nodes = self._membership.topology.nodes
-        results: dict[str, T] = {}
-        errors: dict[str, Exception] = {}
-        down: dict[str, BaseException] = {}
-        for node_id, node in nodes.items():
-            results[node_id] = fallback
-            if node.health.state != UP:
-                down[node_id] = self._down(node, what)
-                continue
-            conn = node.pool.acquire()
-            try:
-                results[node_id] = call(conn)
-            except Exception as exc:
-                node.pool.discard(conn)
-                errors[node_id] = exc
-            else:
-                node.pool.release(conn)
-        self._settle(nodes, errors, down, what, reading=False)
-        return results
-
     def flush_all(self, delay: int = 0, noreply: bool | None = None) -> dict[str, bool]:
         """Invalidate every item on every node (after ``delay`` seconds): ``{node_id: ok}``.
 
@@ -770,11 +518,6 @@ class Client:
         return self._each_node("cache_memlimit", lambda c: bool(c.cache_memlimit(memlimit)), False)
 
     # -- lifecycle and mapping protocol -----------------------------------------------------------
-
-    def close(self) -> None:
-        """Close idle connections and stop the prober. The client stays usable: it reconnects."""
-        self._membership.close()
-
     def quit(self) -> None:
         """pymemcache's ``quit``: close the connections (the server side closes too)."""
         self.close()
@@ -804,4 +547,5 @@ class Client:
 
 
 _MISSING = object()
-_OPTION_NAMES = [p for p in inspect.signature(Client.__init__).parameters if p not in ("self", "unknown")]
+_CREATE_ATTEMPTS = 8
+_FLAG_INTEGER = 2  # pymemcache's and shardcache's flag for an int stored as decimal text

@@ -14,6 +14,7 @@ matching exception, ours subclasses it too, so code written against pymemcache k
     ├── ValueTooLargeError            server refused an item over its size limit
     │                                 (pymemcache MemcacheServerError)
     ├── CasConflictError              cas_update gave up after max attempts
+    ├── LockError                     a lock could not be acquired in time
     └── NodeError                     a call to one node failed; carries ``.node_id``
         ├── NodeUnavailableError      connect/read failed, timed out, or node is down
         │                             (pymemcache MemcacheUnexpectedCloseError, OSError)
@@ -47,6 +48,7 @@ __all__ = [
     "CommandError",
     "ConfigurationError",
     "KeyValidationError",
+    "LockError",
     "NodeError",
     "NodeTimeoutError",
     "NodeUnavailableError",
@@ -88,6 +90,17 @@ class CasConflictError(ShardcacheError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.key, self.attempts))
+
+
+class LockError(ShardcacheError):
+    """A ``Client.lock`` could not be acquired within its blocking timeout; ``name`` is its key."""
+
+    def __init__(self, message: str, name: Any = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.name))
 
 
 class NodeError(ShardcacheError):

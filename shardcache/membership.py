@@ -154,9 +154,14 @@ class Node:
 
 
 class Topology:
-    """An immutable snapshot: the ring, its nodes, and the gutter ring and nodes (if any)."""
+    """An immutable snapshot: the ring and its nodes, the gutter ring and nodes (if any), and
+    during a warm-up or drain window the previous ring and its nodes.
 
-    __slots__ = ("gutter_nodes", "gutter_ring", "nodes", "ring")
+    ``previous`` is set for ``window_until`` (a monotonic deadline) after a membership change:
+    a miss on a key that moved is then read from its previous owner and copied to the new one.
+    """
+
+    __slots__ = ("gutter_nodes", "gutter_ring", "nodes", "previous", "previous_nodes", "ring", "window_until")
 
     def __init__(
         self,
@@ -164,15 +169,28 @@ class Topology:
         nodes: Mapping[str, Node],
         gutter_ring: Ring | None = None,
         gutter_nodes: Mapping[str, Node] | None = None,
+        previous: Ring | None = None,
+        previous_nodes: Mapping[str, Node] | None = None,
+        window_until: float = 0.0,
     ) -> None:
         self.ring = ring
         self.nodes = nodes
         self.gutter_ring = gutter_ring
         self.gutter_nodes: Mapping[str, Node] = gutter_nodes or {}
+        self.previous = previous
+        self.previous_nodes: Mapping[str, Node] = previous_nodes or {}
+        self.window_until = window_until
 
     def all_nodes(self) -> Iterator[Node]:
         yield from self.nodes.values()
         yield from self.gutter_nodes.values()
+
+    def previous_owner(self, hash_key: bytes, owner: Node, now: float) -> Node | None:
+        """During a window: the node that owned ``hash_key`` before the change, if it differs."""
+        if self.previous is None or now >= self.window_until:
+            return None
+        old = self.previous_nodes[self.previous.node_for(hash_key)]
+        return None if old is owner else old
 
 
 class Membership:
@@ -208,6 +226,8 @@ class Membership:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._prober: threading.Thread | None = None
+        self._change_lock = threading.Lock()
+        self._window_timer: threading.Timer | None = None
         nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
         gutter = {spec.node_id: self._make_node(spec) for spec in gutter_ring.specs} if gutter_ring else {}
         self.topology = Topology(ring, nodes, gutter_ring, gutter)
@@ -421,14 +441,82 @@ class Membership:
         return True
 
     def close(self) -> None:
-        """Stop the prober (bounded wait) and close every connection."""
+        """Stop the prober (bounded wait) and close every idle connection.
+
+        The client stays usable: connections reopen on demand and the prober restarts when needed.
+        """
         self._closed.set()
         self._wake.set()
         prober = self._prober
         if prober is not None and prober is not threading.current_thread():
             prober.join(timeout=5)
-        for node in self.topology.all_nodes():
+        topology = self.topology
+        for node in [*topology.all_nodes(), *topology.previous_nodes.values()]:
             node.pool.close()
+        with self._lock:
+            self._prober = None
+            self._closed.clear()
+
+    # -- membership changes -----------------------------------------------------------------------
+
+    def change(self, ring: Ring, window_s: float) -> tuple[list[str], list[str]]:
+        """Swap to ``ring`` atomically; returns the node ids added and removed.
+
+        Requests in flight finish on the snapshot they started with. With ``window_s`` > 0 the
+        previous ring stays consulted for that long (warm-up of added nodes, drain of removed ones);
+        removed nodes keep their connections until the window ends.
+        """
+        with self._change_lock:
+            current = self.topology
+            nodes: dict[str, Node] = {}
+            for spec in ring.specs:
+                node = current.nodes.get(spec.node_id)
+                if node is None:
+                    node = self._make_node(spec)
+                else:
+                    node.spec = spec  # a new weight: same server, same connections and health
+                nodes[spec.node_id] = node
+            added = [n for n in nodes if n not in current.nodes]
+            removed = [n for n in current.nodes if n not in nodes]
+            previous_nodes = {**current.nodes}
+            window = window_s > 0
+            self.topology = Topology(
+                ring,
+                nodes,
+                current.gutter_ring,
+                current.gutter_nodes,
+                current.ring if window else None,
+                previous_nodes if window else None,
+                self._clock() + window_s if window else 0.0,
+            )
+            if self._window_timer is not None:
+                self._window_timer.cancel()
+            self._window_timer = None
+            retired = [current.nodes[n] for n in removed]
+            if window:
+                timer = threading.Timer(window_s, self._end_window, args=(self.topology, retired))
+                timer.daemon = True
+                self._window_timer = timer
+                timer.start()
+            else:
+                for node in retired:
+                    node.pool.close()
+        for node_id in added:
+            self.emit(Event("node_added", node_id, f"warm-up {window_s:g}s" if window else ""))
+        for node_id in removed:
+            self.emit(Event("node_removed", node_id, f"drain {window_s:g}s" if window else ""))
+        return added, removed
+
+    def _end_window(self, topology: Topology, retired: list[Node]) -> None:
+        with self._change_lock:
+            if self.topology is topology:
+                self.topology = Topology(
+                    topology.ring, topology.nodes, topology.gutter_ring, topology.gutter_nodes
+                )
+                self._window_timer = None
+        for node in retired:
+            if node.node_id not in self.topology.nodes:
+                node.pool.close()
 
     def node_states(self) -> dict[str, str]:
         return {node_id: node.health.state for node_id, node in self.topology.nodes.items()}

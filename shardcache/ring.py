@@ -216,6 +216,8 @@ class Ring:
         table = self._table
         try:
             if table is not None:
+                if type(key) is str and not key.isascii():
+                    key = key.encode()  # strict UTF-8 first: mmh3 must never see a lone surrogate
                 return self._ids[table[_mmh3_hash(key, 0, False) >> _SLOT_SHIFT]]
             if type(key) is str:
                 key = key.encode()
@@ -240,6 +242,8 @@ class Ring:
         """Owners of the ring positions from ``key`` clockwise, once around."""
         try:
             if self._table is not None:
+                if isinstance(key, str):
+                    key = key.encode()
                 occupied, ranks = self._runs
                 start = bisect_left(occupied, _mmh3_hash(key, 0, False) >> _SLOT_SHIFT) % len(ranks)
                 ids = self._ids
@@ -276,9 +280,11 @@ class Ring:
         return self._naming
 
     def spec(self, node_id: str) -> NodeSpec:
-        """The spec of ``node_id``; ``ConfigurationError`` if it is not on the ring."""
+        """The spec of ``node_id`` (or of any spec naming it, e.g. ``"cache-1"`` for port 11211);
+        ``ConfigurationError`` if it is not on the ring."""
+        wanted = node_id if node_id in self else parse_node(node_id).node_id
         for s in self._specs:
-            if s.node_id == node_id:
+            if s.node_id == wanted:
                 return s
         raise ConfigurationError(f"node {node_id!r} is not on the ring")
 
@@ -313,12 +319,10 @@ class Ring:
 
     def without_node(self, node_id: str) -> Ring:
         """A new ring without ``node_id``; ``ConfigurationError`` if absent or the last node."""
-        node_id = parse_node(node_id).node_id if node_id not in self else node_id
-        if node_id not in self:
-            raise ConfigurationError(f"node {node_id!r} is not on the ring")
+        target = self.spec(node_id)
         if len(self._specs) == 1:
             raise ConfigurationError(f"cannot remove {node_id!r}: it is the last node on the ring")
-        return self._replace(s for s in self._specs if s.node_id != node_id)
+        return self._replace(s for s in self._specs if s is not target)
 
     def with_weight(self, node_id: str, weight: int) -> Ring:
         """A new ring where ``node_id`` has ``weight``."""

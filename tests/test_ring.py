@@ -229,3 +229,14 @@ def test_alias_names_the_points_so_moving_an_address_keeps_placement() -> None:
     assert [a.node_for(k).replace("10.0.0.1", "X") for k in SAMPLE_KEYS[:500]] == [
         b.node_for(k).replace("10.9.9.9", "X") for k in SAMPLE_KEYS[:500]
     ]
+
+
+@pytest.mark.parametrize("hashing", ["mmh3", "ketama"])
+def test_lone_surrogates_raise_instead_of_reaching_the_hash(hashing: str) -> None:
+    # mmh3 5.x crashes the interpreter on a str with a lone surrogate: it must never see one
+    ring = Ring(["a:1", "b:2"], hashing=hashing)
+    for key in ("x\udcff", "\ud800", "ok\udfffok"):
+        with pytest.raises(KeyValidationError):
+            ring.node_for(key)
+        with pytest.raises(KeyValidationError):
+            ring.preference_list(key, 2)

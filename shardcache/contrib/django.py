@@ -42,7 +42,10 @@ HMAC-SHA256 tag, bound to the key, before unpickling: forged or copied values ra
 ``SerializationError`` instead. It costs 33 bytes and one HMAC per value, every writer must share
 the ``SECRET_KEY``, keys in ``SECRET_KEY_FALLBACKS`` still verify (rotation), and unsigned
 pickles (from PyMemcacheCache or ``"pickle"``) are refused, so switch with a fresh key prefix or
-an empty cache.
+an empty cache. Signing stops code execution, not forgery: str, bytes, int and JSON items are
+stored and read unsigned (parsed, never executed), so a host that can write to memcached can still
+plant one, e.g. a JSON dict where a cached session is expected. Either way, keep memcached
+reachable by your servers only.
 
 Node failures raise by default, as PyMemcacheCache does; ``OPTIONS={"on_error": "miss"}`` turns
 them into misses (logged on the ``shardcache`` logger), so a dead node degrades to a slower page.
