@@ -23,6 +23,7 @@ from shardcache.errors import (
     ValueTooLargeError,
 )
 from shardcache.health import Event
+from shardcache.membership import dns_discovery
 from shardcache.nodes import NodeSpec, parse_nodes
 from shardcache.recipes import Lock
 from shardcache.ring import Ring, RingDiff
@@ -68,5 +69,6 @@ __all__ = [
     "ValueTooLargeError",
     "__version__",
     "default_serde",
+    "dns_discovery",
     "parse_nodes",
 ]

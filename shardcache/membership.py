@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,7 +31,7 @@ from shardcache.health import DOWN, UP, Clock, Event, HealthPolicy, NodeHealth
 from shardcache.nodes import NodeSpec
 from shardcache.ring import Ring
 
-__all__ = ["FAILOVER_POLICIES", "FenceLog", "Membership", "Node", "Topology"]
+__all__ = ["FAILOVER_POLICIES", "FenceLog", "Membership", "Node", "Topology", "dns_discovery"]
 
 logger = logging.getLogger("shardcache")
 
@@ -533,3 +534,33 @@ def _delete_all(pools: Mapping[str, NodePool], groups: Mapping[str, list[bytes]]
         _, errors = exchange(pools, groups, encode, decode, lambda w: len(w) + 9)
         return not errors
     return False
+
+
+Resolver = Callable[[str, int], list[tuple[Any, ...]]]
+
+
+def dns_discovery(
+    name: str, port: int = 11211, *, resolver: Resolver | None = None
+) -> Callable[[], list[str]]:
+    """A ``discovery=`` callable: the A/AAAA records of ``name``, as sorted ``addr:port`` specs.
+
+    ``resolver(name, port)`` returns ``socket.getaddrinfo``-style tuples (the default is
+    ``socket.getaddrinfo`` over TCP); inject one in tests. A name that resolves to nothing raises,
+    so the client keeps its last good list.
+    """
+
+    def default_resolver(host: str, service: int) -> list[tuple[Any, ...]]:
+        return socket.getaddrinfo(host, service, type=socket.SOCK_STREAM)
+
+    resolve = resolver or default_resolver
+
+    def discover() -> list[str]:
+        specs: set[str] = set()
+        for info in resolve(name, port):
+            address = info[4][0]
+            specs.add(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        if not specs:
+            raise LookupError(f"{name!r} resolved to no address")
+        return sorted(specs)
+
+    return discover
