@@ -240,3 +240,23 @@ def test_lone_surrogates_raise_instead_of_reaching_the_hash(hashing: str) -> Non
             ring.node_for(key)
         with pytest.raises(KeyValidationError):
             ring.preference_list(key, 2)
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        ["solo:11211"],
+        ["a:1", "b:2", "c:3:4"],
+        [f"10.0.{i // 250}.{i % 250}:11211" for i in range(300)] + ["heavy:1:7"],
+    ],
+)
+def test_numpy_and_pure_python_builds_give_the_same_table(
+    nodes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shardcache.ring as ring_module
+
+    fast = Ring(nodes)
+    monkeypatch.setattr(ring_module, "_use_numpy", False)
+    pure = Ring(nodes)
+    assert fast._table == pure._table
+    assert fast._runs == pure._runs
