@@ -2,10 +2,11 @@
 
 API (everything else is private):
 
-``measure(fn, rounds, warmup=1) -> Stats``
-    Call ``fn()`` ``warmup`` times untimed, then ``rounds`` times, timing each call with
-    ``time.perf_counter``. A full ``gc.collect()`` runs before each timed call (not inside it).
-``measure_interleaved({name: fn}, rounds, warmup=1) -> {name: Stats}``
+``measure(fn, rounds, warmup=1, clock=time.perf_counter) -> Stats``
+    Call ``fn()`` ``warmup`` times untimed, then ``rounds`` times, timing each call with ``clock``
+    (wall time by default; ``time.process_time`` counts only this process's CPU time, which other load
+    on a shared machine does not inflate). ``gc.collect()`` runs before each timed call, not inside it.
+``measure_interleaved({name: fn}, rounds, warmup=1, clock=time.perf_counter) -> {name: Stats}``
     The same for several callables, taken round-robin (round 1 of every callable, then round 2, ...),
     so a burst of machine noise hits all of them rather than one.
 ``Stats``
@@ -74,20 +75,25 @@ class Stats:
         return {"median_s": self.median, "min_s": self.min, "max_s": self.max, "samples_s": self.samples}
 
 
-def _timed(fn: Callable[[], object]) -> float:
+Clock = Callable[[], float]
+
+
+def _timed(fn: Callable[[], object], clock: Clock) -> float:
     gc.collect()
-    start = time.perf_counter()
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def measure(fn: Callable[[], object], rounds: int, warmup: int = 1) -> Stats:
+def measure(
+    fn: Callable[[], object], rounds: int, warmup: int = 1, clock: Clock = time.perf_counter
+) -> Stats:
     """Time ``rounds`` calls of ``fn()`` after ``warmup`` untimed ones."""
-    return measure_interleaved({"_": fn}, rounds, warmup)["_"]
+    return measure_interleaved({"_": fn}, rounds, warmup, clock)["_"]
 
 
 def measure_interleaved(
-    fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1
+    fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1, clock: Clock = time.perf_counter
 ) -> dict[str, Stats]:
     """Time each callable ``rounds`` times, round-robin, after ``warmup`` untimed calls each."""
     for fn in fns.values():
@@ -96,7 +102,7 @@ def measure_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, rounds)):
         for name, fn in fns.items():
-            samples[name].append(_timed(fn))
+            samples[name].append(_timed(fn, clock))
     return {name: Stats(tuple(values)) for name, values in samples.items()}
 
 

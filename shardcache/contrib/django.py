@@ -98,11 +98,11 @@ class ShardCache(BaseMemcachedCache):  # type: ignore[misc]
         given: Any = self._options
         self._servers = _checked_servers(servers, server, params)
         self._options = options = _client_options(given, server, params)
-        prefix = options.get("key_prefix", b"")
-        self._prefix_bytes = len(prefix.encode("utf-8") if isinstance(prefix, str) else bytes(prefix))
         # Shadows BaseMemcachedCache's lazy ``_cache``: the client is made (or found) now, so a bad
         # option is reported when the cache is first used, not on some later request.
         self._cache = _shared_client(self._servers, options, server, params)
+        prefix = options.get("key_prefix", b"")  # valid: the client accepted it
+        self._prefix_bytes = len(prefix.encode("ascii") if isinstance(prefix, str) else prefix)
 
     @property
     def client(self) -> shardcache.Client:

@@ -30,8 +30,8 @@ Differences from Flask-Caching's ``MemcachedCache``, and why:
   it can hold spaces or run past memcached's 250 bytes. Such a key (and, so no two keys collide,
   any key already starting with ``~sha256:``) is stored under ``~sha256:`` and the SHA-256 of
   the key, instead of being refused (cachelib silently returns None for them on ``get`` only).
-- ``inc``/``dec`` are atomic: ``incr`` on the server when the counter is a non-negative integer, a
-  ``gets``/``cas`` loop otherwise (negative values, decrements), ``add`` for a missing key.
+- ``inc``/``dec`` are atomic: ``Client.incr(initial=)`` when the counter is a non-negative integer,
+  ``Client.cas_update`` otherwise (negative values, decrements).
   cachelib's memcached backend reads and writes back, losing concurrent updates.
 - ``get_many``/``set_many``/``delete_many``/``get_dict`` talk to every node at once.
 - ``has`` reads the item (a pickled ``None`` counts as present); cachelib appends an empty string
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import re
 import time
 from collections.abc import Mapping
@@ -69,7 +68,6 @@ _HASHED_MARK = "~sha256:"
 _HASHED_MARK_BYTES = _HASHED_MARK.encode("ascii")
 _THIRTY_DAYS_S = 60 * 60 * 24 * 30
 _COUNTER_ATTEMPTS = 20
-_MAX_BACKOFF_S = 0.05
 _PICKLE = shardcache.PickleSerde()
 _MISSING = object()
 
@@ -95,7 +93,6 @@ class ShardCache(BaseCache):
                 "CACHE_MEMCACHED_SERVERS is not set: list the memcached servers, e.g. ['10.0.0.1:11211']"
             )
         prefix = key_prefix or b""
-        self._prefix_bytes = len(prefix.encode("utf-8") if isinstance(prefix, str) else prefix)
         options: dict[str, Any] = {
             "serde": _PICKLE,
             "allow_unicode_keys": True,
@@ -113,6 +110,8 @@ class ShardCache(BaseCache):
         except shardcache.ConfigurationError as exc:
             where = "CACHE_KEY_PREFIX" if str(exc).startswith("key_prefix=") else "CACHE_OPTIONS"
             raise shardcache.ConfigurationError(f"{where}: {exc}") from exc
+        # the client accepted the prefix: ASCII, no whitespace
+        self._prefix_bytes = len(prefix.encode("ascii") if isinstance(prefix, str) else prefix)
 
     @classmethod
     def factory(
@@ -244,25 +243,23 @@ class ShardCache(BaseCache):
     def _add_to_counter(self, key: str, delta: int) -> int | None:
         wire = self._key(key)
         expire = self._expire(None)
-        counter_ok = delta >= 0  # memcached's incr: atomic, but only for non-negative counters
-        for attempt in range(_COUNTER_ATTEMPTS):
-            if counter_ok:
-                try:
-                    value = self._client.incr(wire, delta)
-                except shardcache.CommandError:
-                    counter_ok = False  # a negative or non-numeric value: take the CAS path
-                else:
-                    if value is not None:
-                        return value
-                    if self._client.add(wire, delta, expire):
-                        return delta
-                    continue  # another writer created it first: incr that
-            current, token = self._client.gets(wire)
-            if token is None:
-                if self._client.add(wire, delta, expire):
-                    return delta
-            elif self._client.cas(wire, current + delta, token, expire):
-                return current + delta  # type: ignore[no-any-return]
-            time.sleep(random.uniform(0, min(_MAX_BACKOFF_S, 0.001 * 2**attempt)))
-        logger.warning("shardcache: counter %r not updated after %d attempts", key, _COUNTER_ATTEMPTS)
-        return None
+        if delta >= 0:  # memcached's incr: one atomic round trip, for non-negative counters
+            try:
+                value = self._client.incr(wire, delta, initial=delta, expire=expire)
+            except (shardcache.CommandError, shardcache.CasConflictError):
+                pass  # a negative or non-numeric value (or an unreachable node): the CAS loop decides
+            else:
+                if value is not None:
+                    return value
+        try:
+            new: int = self._client.cas_update(
+                wire,
+                lambda current: current + delta,
+                initial=0,
+                expire=expire,
+                max_attempts=_COUNTER_ATTEMPTS,
+            )
+        except shardcache.CasConflictError as exc:
+            logger.warning("shardcache: counter %r not updated: %s", key, exc)
+            return None
+        return new
