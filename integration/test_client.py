@@ -109,8 +109,9 @@ def test_value_over_the_item_limit_names_its_key_and_others_are_stored(client: C
     with pytest.raises(ValueTooLargeError, match="'huge'") as info:
         client.set("huge", b"x" * 2_000_000)
     assert info.value.key == "huge"
-    with pytest.raises(ValueTooLargeError, match="'huge'"):
-        client.set_many({"a": 1, "huge": b"x" * 2_000_000, "b": 2, "c": 3})
+    with pytest.raises(ValueTooLargeError, match="'huge'") as many:
+        client.set_many({"a": 1, "huge": b"x" * 2_000_000, "b": 2, "c": 3, "huge2": b"y" * 2_000_000})
+    assert sorted(many.value.failed) == ["huge", "huge2"]  # what set_many would have returned
     assert client.get_many(["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}
     assert client.set("after", 1) is True  # connections stayed in step
 

@@ -24,6 +24,7 @@ from shardcache._config import (
     check_int,
     check_prefix,
     check_seconds,
+    integer_arg,
     key_problem,
     unknown_option,
 )
@@ -43,14 +44,15 @@ from shardcache.nodes import NodeSpec, NodeSpecLike, parse_nodes
 from shardcache.ring import Ring
 from shardcache.serde import Serde, default_serde
 
-__all__ = ["COUNTER", "READ", "WRITE", "ClientCore", "Key"]
+__all__ = ["COUNTER", "READ", "UNAVAILABLE", "WRITE", "ClientCore", "Key"]
 
 logger = logging.getLogger("shardcache")
 
 Key = str | bytes
 T = TypeVar("T")
 
-READ, WRITE, COUNTER = 0, 1, 2
+READ, WRITE, COUNTER = 0, 1, 2  # kinds of call: COUNTER calls are never sent to a stand-in
+UNAVAILABLE = object()  # what internal calls return when the key's node could not be reached
 _READ, _WRITE, _COUNTER = READ, WRITE, COUNTER
 
 
@@ -288,7 +290,7 @@ class ClientCore:
             return node
         target = membership.stand_in(topology, node, hash_key, counter=kind == _COUNTER)
         if target is None:
-            if kind != _READ:
+            if kind == _WRITE:
                 node.fence.add(wire)  # the write did not happen: the node's old value must go
             if self._miss_on_error:
                 return None
@@ -321,7 +323,9 @@ class ClientCore:
             result = call(conn, wire, target, target is not node)
         except Exception as exc:
             pool.discard(conn)
-            err = self._membership.failed(target, exc, what, key, None if kind == _READ else wire)
+            # A failed write may have left the node's old value: fence it. Not a counter's: its
+            # value is not replaced by the failed increment, and deleting it would lose the count.
+            err = self._membership.failed(target, exc, what, key, wire if kind == _WRITE else None)
             if self._miss(err, reading=kind == _READ):
                 return missed
             if err is exc:
@@ -330,9 +334,36 @@ class ClientCore:
         pool.release(conn)
         if target.health.failures:
             target.health.record_success()
-        if kind != _READ and topology.previous is not None:
+        if (
+            kind != _READ
+            and topology.previous is not None
+            and (what == "delete" or (result is not None and result is not False))
+        ):  # the write took effect: the previous owner's copy must not come back
             self._forget_previous(topology, [(hash_key, wire, node)])
         return result
+
+    def _store_command(
+        self,
+        name: bytes,
+        wire: bytes,
+        value: Any,
+        expire: int,
+        flags: int | None,
+        noreply: bool,
+        cas: bytes = b"",
+    ) -> bytes:
+        """A storage command (``set``/``add``/...) for one item, serialized; nothing is sent."""
+        data, data_flags = self._serde.serialize(wire, value)
+        if flags is not None:
+            data_flags = flags
+        if type(data) is not bytes:
+            data = (
+                bytes(data) if isinstance(data, bytearray | memoryview) else str(data).encode(self._encoding)
+            )
+        return b"%b %b %d %b %d%b%b\r\n%b\r\n" % (
+            name, wire, data_flags, integer_arg(expire, "expire"), len(data), cas,
+            b" noreply" if noreply else b"", data,
+        )  # fmt: skip
 
     def _delete_if_value(self, key: Key, expected: Any) -> bool:
         """Delete ``key`` only if it still holds ``expected`` (a compare-and-delete). True if deleted.
@@ -340,8 +371,11 @@ class ClientCore:
         Uses memcached's meta delete with the item's CAS value (``md <key> C<cas>``), so a value
         replaced between the read and the delete is left alone.
         """
-        value, token = self.gets(key, _UNSET)  # type: ignore[attr-defined]
-        if token is None or value != expected:
+        found = self._gets(key, _UNSET, None, COUNTER)  # type: ignore[attr-defined]
+        if found is None or found is UNAVAILABLE:
+            return False
+        value, token = found
+        if value != expected:
             return False
         hash_key, wire = self._wire_key(key)
         topology = self._membership.topology
@@ -374,12 +408,16 @@ class ClientCore:
         node = topology.nodes[topology.ring.node_for(hash_key)]
         return bool(self._warm(topology, [(hash_key, wire, node)]))
 
+    def _hashed(self, keys: Iterable[Key]) -> list[tuple[Key, bytes, bytes]]:
+        """Validate every key first: ``[(key, hashed key, wire key)]``."""
+        wire_key = self._wire_key
+        return [(key, *wire_key(key)) for key in keys]
+
     def _plan(
-        self, keys: Iterable[Key], kind: int, what: str
+        self, hashed: Iterable[tuple[Key, bytes, bytes]], kind: int, what: str
     ) -> tuple[dict[str, Node], dict[str, dict[bytes, Key]], builtins.set[bytes], dict[str, BaseException]]:
-        """Validate every key, then route it: targets, ``{target: {wire: key}}``, the wires going to
-        stand-ins, and the failures of nodes that are down with no stand-in."""
-        hashed = [(key, *self._wire_key(key)) for key in keys]
+        """Route validated keys: targets, ``{target: {wire: key}}``, the wires going to stand-ins,
+        and the failures of nodes that are down with no stand-in."""
         topology = self._membership.topology
         node_for = topology.ring.node_for
         targets: dict[str, Node] = {}
@@ -600,8 +638,8 @@ def _read_meta_values(reader: Reader, wires: Sequence[bytes]) -> dict[bytes, tup
     found: dict[bytes, tuple[bytes, int, int]] = {}
     for _ in wires:
         line = reader.line()
-        if line == b"EN":
-            continue
+        if line[:2] == b"EN" and (len(line) == 2 or line[2:3] == b" "):
+            continue  # a miss (memcached may echo flags after EN)
         parts = line.split()
         if not parts or parts[0] != b"VA":
             raise_for_error(line)

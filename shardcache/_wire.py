@@ -30,11 +30,13 @@ __all__ = [
     "ROUND_BYTES",
     "Reader",
     "exchange",
+    "fetch_one",
     "raise_for_error",
     "read_deleted",
     "read_stored",
     "read_values",
     "rounds",
+    "store_one",
 ]
 
 T = TypeVar("T")
@@ -122,26 +124,92 @@ def rounds(items: Sequence[Any], size_of: Callable[[Any], int]) -> Iterable[Sequ
 
 
 def read_values(
-    reader: Reader, commands: int, deserialize: Callable[[bytes, bytes, int], Any], with_cas: bool
+    reader: Reader,
+    commands: int,
+    deserialize: Callable[[bytes, bytes, int], Any],
+    with_cas: bool,
+    refused: list[tuple[bytes, Exception]] | None = None,
 ) -> dict[bytes, Any]:
     """Read the replies to ``commands`` pipelined get/gets commands: ``{wire_key: value}``.
 
-    With ``with_cas`` each value is ``(value, cas_bytes)``.
+    With ``with_cas`` each value is ``(value, cas_bytes)``. A value the serde refuses is left out
+    and ``(wire_key, exception)`` appended to ``refused`` (raised at once if ``refused`` is None);
+    the rest of the stream is still read, so the connection stays in step.
     """
     found: dict[bytes, Any] = {}
-    for _ in range(commands):
-        while True:
-            line = reader.line()
-            if line == b"END":
-                break
-            parts = line.split()
-            if not parts or parts[0] != b"VALUE" or len(parts) != (5 if with_cas else 4):
-                raise_for_error(line)
-            key = parts[1]
-            data = reader.value(int(parts[3]))
+    fields = 5 if with_cas else 4
+    remaining = commands
+    buf, pos = reader._buf, reader._pos
+    while remaining:
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            reader._buf, reader._pos = buf, pos
+            reader._fill()
+            buf, pos = reader._buf, reader._pos
+            continue
+        if end - pos == 3 and buf[pos:end] == b"END":
+            pos = end + 2
+            remaining -= 1
+            continue
+        line = buf[pos:end]
+        parts = line.split()
+        if len(parts) != fields or parts[0] != b"VALUE":
+            reader._buf, reader._pos = buf, end + 2
+            raise_for_error(line)
+        size = int(parts[3])
+        start = end + 2
+        stop = start + size
+        if stop + 2 <= len(buf):
+            if buf[stop : stop + 2] != b"\r\n":
+                raise MemcacheUnknownError(b"value not terminated by CRLF")
+            data = buf[start:stop]
+            pos = stop + 2
+        else:
+            reader._buf, reader._pos = buf, start
+            data = reader.value(size)
+            buf, pos = reader._buf, reader._pos
+        key = parts[1]
+        try:
             value = deserialize(key, data, int(parts[2]))
-            found[key] = (value, parts[4]) if with_cas else value
+        except Exception as exc:
+            if refused is None:
+                raise
+            refused.append((key, exc))
+            continue
+        found[key] = (value, parts[4]) if with_cas else value
+    reader._buf, reader._pos = buf, pos
     return found
+
+
+def fetch_one(sock: socket.socket, command: bytes, with_cas: bool) -> tuple[bytes, int, bytes] | None:
+    """Send one get/gets ``command`` and read its reply: ``(data, flags, cas)`` or None (a miss)."""
+    sock.sendall(command)
+    reader = Reader(sock)
+    line = reader.line()
+    if line == b"END":
+        return None
+    parts = line.split()
+    if len(parts) != (5 if with_cas else 4) or parts[0] != b"VALUE":
+        raise_for_error(line)
+    data = reader.value(int(parts[3]))
+    end = reader.line()
+    if end != b"END":
+        raise_for_error(end)
+    return data, int(parts[2]), parts[4] if with_cas else b""
+
+
+def store_one(sock: socket.socket, command: bytes, noreply: bool) -> bool:
+    """Send one storage ``command``: True if stored, False if not (add/replace/cas conditions)."""
+    sock.sendall(command)
+    if noreply:
+        return True
+    line = Reader(sock).line()
+    if line == b"STORED":
+        return True
+    if line in (b"NOT_STORED", b"EXISTS", b"NOT_FOUND"):
+        return False
+    raise_for_error(line)
+    return False
 
 
 def read_stored(reader: Reader, count: int) -> list[bool | MemcacheServerError]:

@@ -17,15 +17,15 @@ from pymemcache.client.base import Client as PymemcacheClient
 
 from shardcache import recipes
 from shardcache._config import integer_arg
-from shardcache._core import COUNTER, READ, WRITE, ClientCore, Key
+from shardcache._core import COUNTER, READ, UNAVAILABLE, WRITE, ClientCore, Key
 from shardcache._pool import node_failure
-from shardcache._wire import Reader, exchange, read_deleted, read_stored, read_values
+from shardcache._wire import Reader, exchange, fetch_one, read_deleted, read_stored, read_values, store_one
 from shardcache.errors import (
     ArgumentError,
     CasConflictError,
     ValueTooLargeError,
 )
-from shardcache.health import UP
+from shardcache.health import UP, Event
 from shardcache.membership import Node
 
 __all__ = ["CasToken", "Client"]
@@ -102,7 +102,11 @@ class Client(ClientCore):
         pool = node.pool
         conn = pool.acquire()
         try:
-            value = conn.get(wire, _MISSING)
+            sock = conn.sock
+            if sock is None:
+                conn._connect()
+                sock = conn.sock
+            found = fetch_one(sock, b"get " + wire + b"\r\n", False)
         except Exception as exc:
             pool.discard(conn)
             err = self._membership.failed(node, exc, "get", key, None)
@@ -114,11 +118,17 @@ class Client(ClientCore):
         pool.release(conn)
         if node.health.failures:
             node.health.record_success()
-        if value is _MISSING:
+        if found is None:
             if topology.previous is not None:
                 return self._warm(topology, [(hash_key, wire, node)]).get(wire, default)
             return default
-        return value
+        try:
+            return self._serde.deserialize(wire, found[0], found[1])
+        except Exception as exc:
+            if not self._miss(exc, reading=True):
+                raise
+            self._membership.emit(Event("error", node.node_id, str(exc), exc, key))
+            return default
 
     def set(
         self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None
@@ -128,17 +138,19 @@ class Client(ClientCore):
         topology = self._membership.topology
         node = topology.nodes[topology.ring.node_for(hash_key)]
         if not node.ready:
-            capped = self._membership.capped_ttl
-
-            def call(c: PymemcacheClient, k: bytes, t: Node, stand_in: bool) -> bool:
-                return bool(c.set(k, value, capped(expire) if stand_in else expire, noreply, flags))
-
-            return self._run(key, "set", call, False, _WRITE)
+            return bool(self._store(b"set", key, value, expire, noreply, flags))
+        if noreply is None:
+            noreply = self._default_noreply
+        command = self._store_command(b"set", wire, value, expire, flags, noreply)
         node.ops += 1
         pool = node.pool
         conn = pool.acquire()
         try:
-            stored = conn.set(wire, value, expire, noreply, flags)
+            sock = conn.sock
+            if sock is None:
+                conn._connect()
+                sock = conn.sock
+            stored = store_one(sock, command, noreply)
         except Exception as exc:
             pool.discard(conn)
             err = self._membership.failed(node, exc, "set", key, wire)
@@ -155,38 +167,53 @@ class Client(ClientCore):
         return bool(stored)
 
     def _store(
-        self, name: str, key: Key, value: Any, expire: int, noreply: bool | None, flags: int | None
-    ) -> bool:
+        self,
+        name: bytes,
+        key: Key,
+        value: Any,
+        expire: int,
+        noreply: bool | None,
+        flags: int | None,
+        cas: bytes = b"",
+        kind: int = _WRITE,
+        missed: Any = False,
+    ) -> Any:
+        """A storage command through ``_run``; ``kind=COUNTER`` never goes to a stand-in."""
+        if noreply is None:
+            noreply = self._default_noreply
         capped = self._membership.capped_ttl
+        store_command = self._store_command
+        quiet = bool(noreply)
 
         def call(c: PymemcacheClient, k: bytes, t: Node, stand_in: bool) -> bool:
-            return bool(getattr(c, name)(k, value, capped(expire) if stand_in else expire, noreply, flags))
+            command = store_command(name, k, value, capped(expire) if stand_in else expire, flags, quiet, cas)
+            return store_one(_socket(c), command, quiet)
 
-        return self._run(key, name, call, False, _WRITE)
+        return self._run(key, name.decode(), call, missed, kind)
 
     def add(
         self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None
     ) -> bool:
         """Store ``value`` only if ``key`` is absent. True if stored."""
-        return self._store("add", key, value, expire, noreply, flags)
+        return bool(self._store(b"add", key, value, expire, noreply, flags))
 
     def replace(
         self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None
     ) -> bool:
         """Store ``value`` only if ``key`` is present. True if stored."""
-        return self._store("replace", key, value, expire, noreply, flags)
+        return bool(self._store(b"replace", key, value, expire, noreply, flags))
 
     def append(
         self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None
     ) -> bool:
         """Append ``value`` (serialized) to the stored bytes of ``key``. True if it was present."""
-        return self._store("append", key, value, expire, noreply, flags)
+        return bool(self._store(b"append", key, value, expire, noreply, flags))
 
     def prepend(
         self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None
     ) -> bool:
         """Prepend ``value`` (serialized) to the stored bytes of ``key``. True if it was present."""
-        return self._store("prepend", key, value, expire, noreply, flags)
+        return bool(self._store(b"prepend", key, value, expire, noreply, flags))
 
     def gets(self, key: Key, default: Any = None, cas_default: Any = None) -> tuple[Any, Any]:
         """``(value, cas_token)`` of ``key``, or ``(default, cas_default)`` if it is not cached.
@@ -194,14 +221,19 @@ class Client(ClientCore):
         The token is a ``CasToken``: it remembers the node that issued it.
         """
         missing = (default, cas_default)
+        found = self._gets(key, default, missing, _READ)
+        return missing if found is _UNAVAILABLE else found
+
+    def _gets(self, key: Key, default: Any, missing: Any, kind: int) -> Any:
+        """``gets``; ``missing`` on a miss, ``_UNAVAILABLE`` if the call could not reach a node."""
 
         def call(c: PymemcacheClient, k: bytes, target: Node, stand_in: bool) -> tuple[Any, Any]:
             value, token = c.gets(k, default, None)
             return missing if token is None else (value, CasToken(token, target.node_id))
 
-        found = self._run(key, "gets", call, missing, _READ)
+        found = self._run(key, "gets", call, _UNAVAILABLE, kind)
         if found is missing and self._warm_one(key):  # moved in a membership change: copied over
-            found = self._run(key, "gets", call, missing, _READ)
+            found = self._run(key, "gets", call, _UNAVAILABLE, kind)
         return found
 
     def cas(
@@ -212,6 +244,12 @@ class Client(ClientCore):
         True: stored. False: the key changed, or the token was issued by a node that does not serve
         the key now (the ring changed or a failover happened): re-read and retry. None: absent.
         """
+        result = self._cas(key, value, cas, expire, noreply, flags, _WRITE)
+        return False if result is _UNAVAILABLE else bool(result) if result is not None else None
+
+    def _cas(
+        self, key: Key, value: Any, cas: Any, expire: int, noreply: bool, flags: int | None, kind: int
+    ) -> Any:
         capped = self._membership.capped_ttl
 
         def call(c: PymemcacheClient, k: bytes, target: Node, stand_in: bool) -> bool | None:
@@ -220,8 +258,7 @@ class Client(ClientCore):
             result: bool | None = c.cas(k, value, cas, capped(expire) if stand_in else expire, noreply, flags)
             return result
 
-        conflict: bool | None = False
-        return self._run(key, "cas", call, conflict, _WRITE)
+        return self._run(key, "cas", call, _UNAVAILABLE, kind)
 
     def delete(self, key: Key, noreply: bool | None = None) -> bool:
         """Delete ``key``. True if it was deleted (always True with noreply).
@@ -277,14 +314,21 @@ class Client(ClientCore):
             return result
 
         for _ in range(_CREATE_ATTEMPTS):
-            result = self._run(key, name, call, None, _COUNTER)
+            result: Any = self._run(key, name, call, _UNAVAILABLE, _COUNTER)
+            if result is _UNAVAILABLE:  # its node is down or failed (on_error="miss")
+                return None
             if result is not None or noreply:
-                return result
+                return int(result) if result is not None else None
             if self._warm_one(key):  # the counter is still on its previous owner: bring it over
                 continue
             if initial is None:
                 return None
-            if self.add(key, b"%d" % initial, expire, noreply=False, flags=_FLAG_INTEGER):
+            created = self._store(
+                b"add", key, b"%d" % initial, expire, False, _FLAG_INTEGER, kind=_COUNTER, missed=_UNAVAILABLE
+            )
+            if created is _UNAVAILABLE:
+                return None
+            if created:
                 return initial
         raise CasConflictError(
             f"{name}({key!r}, initial={initial}): the counter kept appearing and disappearing",
@@ -358,7 +402,7 @@ class Client(ClientCore):
 
     def _fetch(self, keys: Iterable[Key], with_cas: bool) -> dict[Key, Any]:
         what = "gets_many" if with_cas else "get_many"
-        targets, groups, _, down = self._plan(keys, _READ, what)
+        targets, groups, _, down = self._plan(self._hashed(keys), _READ, what)
         if not groups and not down:
             return {}
         deserialize = self._serde.deserialize
@@ -367,8 +411,10 @@ class Client(ClientCore):
         def encode(wires: Sequence[bytes]) -> bytes:
             return command + b" ".join(wires) + b"\r\n"
 
+        refused: list[tuple[bytes, Exception]] = []
+
         def decode(reader: Reader, wires: Sequence[bytes]) -> dict[bytes, Any]:
-            return read_values(reader, 1, deserialize, with_cas)
+            return read_values(reader, 1, deserialize, with_cas, refused)
 
         pools = {node_id: node.pool for node_id, node in targets.items()}
         wire_lists = {node_id: list(group) for node_id, group in groups.items()}
@@ -383,6 +429,10 @@ class Client(ClientCore):
                         continue  # not asked for: never hand back a value under another key
                     found[key] = (value[0], CasToken(value[1], node_id)) if with_cas else value
         self._settle(targets, errors, down, what, reading=True)
+        for _, exc in refused:  # values the serde could not read: misses, or raised
+            if not self._miss(exc, reading=True):
+                raise exc
+            self._membership.emit(Event("error", "", str(exc), exc))
         return found
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
@@ -408,28 +458,21 @@ class Client(ClientCore):
         items = list(values.items() if isinstance(values, Mapping) else values)
         if noreply is None:
             noreply = self._default_noreply
-        integer_arg(expire, "expire")
-        capped = b"%d" % self._membership.capped_ttl(expire)
-        suffix = b" noreply\r\n" if noreply else b"\r\n"
-        serialize = self._serde.serialize
-        encoding = self._encoding
-        payloads: dict[bytes, tuple[int, bytes]] = {}
-        for key, value in items:
-            wire = self._wire_key(key)[1]
-            data, data_flags = serialize(wire, value)
-            if not isinstance(data, bytes):
-                data = str(data).encode(encoding)
-            payloads[wire] = (data_flags if flags is None else flags, data)
-        targets, groups, moved, down = self._plan((key for key, _ in items), _WRITE, "set_many")
-        expire_text = b"%d" % expire
+        capped = self._membership.capped_ttl(expire) if isinstance(expire, int) else expire
+        hashed = self._hashed(key for key, _ in items)
+        normal: dict[bytes, bytes] = {}
+        value_of: dict[bytes, Any] = {}
+        for (_, _, wire), (_, value) in zip(hashed, items, strict=True):
+            normal[wire] = self._store_command(b"set", wire, value, expire, flags, noreply)
+            value_of[wire] = value
+        targets, groups, moved, down = self._plan(hashed, _WRITE, "set_many")
         commands: dict[str, list[tuple[bytes, bytes]]] = {}
         for node_id, group in groups.items():
-            batch = commands[node_id] = []
-            for wire in group:
-                data_flags, data = payloads[wire]
-                ttl = capped if wire in moved else expire_text
-                header = b"set %b %d %b %d%b" % (wire, data_flags, ttl, len(data), suffix)
-                batch.append((wire, header + data + b"\r\n"))
+            commands[node_id] = [
+                (wire, normal[wire] if wire not in moved else
+                 self._store_command(b"set", wire, value_of[wire], capped, flags, noreply))
+                for wire in group
+            ]  # fmt: skip
 
         def encode(chunk: Sequence[tuple[bytes, bytes]]) -> bytes:
             return b"".join(command for _, command in chunk)
@@ -452,16 +495,17 @@ class Client(ClientCore):
         ]
         if noreply:
             stored = {wire for node_id, group in groups.items() if node_id not in errors for wire in group}
-        failed = [key for key, _ in items if self._wire_key(key)[1] not in stored]
+        failed = [key for key, _, wire in hashed if wire not in stored]
         self._settle(
             targets, errors, down, "set_many", reading=False, fenced={n: list(g) for n, g in groups.items()}
         )
         if refused:
             key, node_id, exc = refused[0]
             err = node_failure(exc, node_id, "set_many", key)
-            if isinstance(err, ValueTooLargeError) and len(refused) > 1:
+            if isinstance(err, ValueTooLargeError):
                 others = [k for k, _, _ in refused[1:]]
-                err = ValueTooLargeError(f"{err} (and {len(others)} more: {others!r})", key, node_id)
+                more = f" (and {len(others)} more: {others!r})" if others else ""
+                err = ValueTooLargeError(f"{err}{more}", key, node_id, failed)
             raise err from exc
         return failed
 
@@ -472,7 +516,7 @@ class Client(ClientCore):
         """
         if noreply is None:
             noreply = self._default_noreply
-        targets, groups, _, down = self._plan(keys, _WRITE, "delete_many")
+        targets, groups, _, down = self._plan(self._hashed(keys), _WRITE, "delete_many")
         suffix = b" noreply\r\n" if noreply else b"\r\n"
 
         def encode(wires: Sequence[bytes]) -> bytes:
@@ -547,5 +591,15 @@ class Client(ClientCore):
 
 
 _MISSING = object()
+_UNAVAILABLE = UNAVAILABLE
+
+
+def _socket(conn: PymemcacheClient) -> Any:
+    """The connection's socket, connecting it first if needed."""
+    if conn.sock is None:
+        conn._connect()
+    return conn.sock
+
+
 _CREATE_ATTEMPTS = 8
 _FLAG_INTEGER = 2  # pymemcache's and shardcache's flag for an int stored as decimal text

@@ -133,15 +133,22 @@ class ServerError(NodeError, MemcacheServerError):
 
 
 class ValueTooLargeError(ShardcacheError, MemcacheServerError):
-    """The node refused a value larger than its item size limit (``-I``, 1 MiB by default)."""
+    """The node refused a value larger than its item size limit (``-I``, 1 MiB by default).
 
-    def __init__(self, message: str, key: Any = None, node_id: str = "") -> None:
+    ``key`` names the (first) refused key; from ``set_many``, ``failed`` lists every key of the
+    batch that was not stored, as ``set_many`` would have returned them.
+    """
+
+    def __init__(
+        self, message: str, key: Any = None, node_id: str = "", failed: list[Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.key = key
         self.node_id = node_id
+        self.failed = failed if failed is not None else [key]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.key, self.node_id))
+        return (type(self), (str(self), self.key, self.node_id, self.failed))
 
 
 class CommandError(NodeError, MemcacheClientError):

@@ -26,7 +26,7 @@ from pymemcache.client.base import Client as PymemcacheClient
 
 from shardcache._pool import NodePool, node_failure
 from shardcache._wire import Reader, exchange, read_deleted
-from shardcache.errors import NodeTimeoutError, NodeUnavailableError, ProtocolError
+from shardcache.errors import NodeTimeoutError, NodeUnavailableError, ProtocolError, ServerError
 from shardcache.health import DOWN, UP, Clock, Event, HealthPolicy, NodeHealth
 from shardcache.nodes import NodeSpec
 from shardcache.ring import Ring
@@ -36,6 +36,12 @@ __all__ = ["FAILOVER_POLICIES", "FenceLog", "Membership", "Node", "Topology", "d
 logger = logging.getLogger("shardcache")
 
 FAILOVER_POLICIES = ("fail_fast", "remap", "gutter")
+_LEVELS = {
+    "node_up": logging.INFO,
+    "fenced": logging.INFO,
+    "node_added": logging.INFO,
+    "node_removed": logging.INFO,
+}
 _PROBE_IDLE_S = 0.5
 
 
@@ -267,7 +273,11 @@ class Membership:
 
     def emit(self, event: Event) -> None:
         """Log ``event`` on the ``shardcache`` logger and deliver it to every listener."""
-        level = logging.INFO if event.kind in ("node_up", "fenced") else logging.WARNING
+        level = _LEVELS.get(event.kind, logging.WARNING)
+        if event.kind == "error" and not isinstance(
+            event.error, NodeUnavailableError | ProtocolError | ServerError
+        ):
+            level = logging.DEBUG  # the caller's own mistake (bad value, incr of text), raised to it
         logger.log(level, "shardcache %s %s: %s", event.kind, event.node_id, event.detail)
         for callback in self._listeners:
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import random
 import time
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from shardcache._core import COUNTER, UNAVAILABLE
 from shardcache.errors import ArgumentError, CasConflictError, LockError
 
 if TYPE_CHECKING:
@@ -58,21 +60,29 @@ def cas_update(
     """
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise ArgumentError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+    for name, value in (("backoff_s", backoff_s), ("max_backoff_s", max_backoff_s)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ArgumentError(f"{name} must be seconds >= 0, got {value!r}")
     rng = random.Random()
     for attempt in range(max_attempts):
-        value, token = client.gets(key, _MISS)
-        if token is None:
+        # COUNTER routing: never on a stand-in node, where the value would restart from `initial`
+        found = client._gets(key, _MISS, None, COUNTER)
+        if found is UNAVAILABLE:
+            return None  # its node is down or failed and on_error="miss" (with "raise" it raised)
+        if found is None:
             new = fn(initial)
-            if client.add(key, new, expire, noreply=False):
-                return new
+            outcome = client._store(b"add", key, new, expire, False, None, kind=COUNTER, missed=UNAVAILABLE)
         else:
+            value, token = found
             new = fn(value)
-            if client.cas(key, new, token, expire, noreply=False):
-                return new
+            outcome = client._cas(key, new, token, expire, False, None, COUNTER)
+        if outcome is UNAVAILABLE:
+            return None
+        if outcome:
+            return new
         _backoff(attempt, backoff_s, max_backoff_s, rng)
     raise CasConflictError(
-        f"cas_update({key!r}) gave up after {max_attempts} attempts: too much contention "
-        "(or the key's node is unavailable)",
+        f"cas_update({key!r}) gave up after {max_attempts} attempts: too much contention",
         key,
         max_attempts,
     )
@@ -105,6 +115,7 @@ class Lock:
         self._blocking_timeout_s = blocking_timeout_s
         self._sleep_s = sleep_s
         self.token: bytes | None = None
+        self.unavailable = False  # the last acquire failed because the lock's node was unreachable
 
     @property
     def name(self) -> bytes:
@@ -117,8 +128,16 @@ class Lock:
         deadline = None if self._blocking_timeout_s is None else time.monotonic() + self._blocking_timeout_s
         rng = random.Random()
         attempt = 0
+        self.unavailable = False
         while True:
-            if self._client.add(self._key, token, self._ttl_s, noreply=False):
+            # COUNTER routing: a lock never moves to a stand-in, where a second holder could take it
+            taken = self._client._store(
+                b"add", self._key, token, self._ttl_s, False, None, kind=COUNTER, missed=UNAVAILABLE
+            )
+            if taken is UNAVAILABLE:  # its node is down (on_error="miss"): no one can hold it now
+                self.unavailable = True
+                return False
+            if taken:
                 self.token = token
                 return True
             if not blocking or (deadline is not None and time.monotonic() >= deadline):
@@ -179,7 +198,12 @@ def get_or_set(
     rng = random.Random()
     attempt = 0
     while True:
-        if lock.acquire(blocking=False):
+        taken = lock.acquire(blocking=False)
+        if not taken and lock.unavailable:  # nobody can coordinate: compute, and cache if we can
+            value = factory()
+            client.set(key, value, expire, noreply=False)
+            return value
+        if taken:
             try:
                 value = client.get(key, _MISS)  # someone may have finished just before we locked
                 if value is _MISS:
@@ -217,11 +241,15 @@ def cached(
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         prefix = f"{func.__module__}.{func.__qualname__}"
 
+        signature = inspect.signature(func)
+
         def key_for(*args: Any, **kwargs: Any) -> Key:
             if callable(key):
                 return key(*args, **kwargs)
-            if isinstance(key, str):
-                return key.format(*args, **kwargs)
+            if isinstance(key, str):  # "{0}" and "{name}" both work, however the call passed it
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                return key.format(*bound.args, **bound.arguments)
             digest = hashlib.sha1(repr((args, sorted(kwargs.items()))).encode()).hexdigest()
             return f"{prefix}:{digest}"
 
