@@ -29,7 +29,8 @@ from shardcache._config import (
     unknown_option,
 )
 from shardcache._pool import NodePool
-from shardcache._wire import Reader, exchange, raise_for_error, read_deleted, read_stored
+from shardcache._warmup import forget_previous, warm
+from shardcache._wire import Reader, raise_for_error
 from shardcache.errors import (
     ConfigurationError,
     KeyValidationError,
@@ -310,6 +311,9 @@ class ClientCore:
         hash_key, wire = self._wire_key(key)
         topology = self._membership.topology
         node = topology.nodes[topology.ring.node_for(hash_key)]
+        if what in _UNCONDITIONAL and topology.previous is not None:
+            # set/delete during a window: the previous owner's copy goes first (see _warmup)
+            self._forget_previous(topology, [(hash_key, wire, node)])
         target = node
         if not node.ready:
             routed = self._route(topology, node, hash_key, wire, kind, what)
@@ -336,9 +340,11 @@ class ClientCore:
             target.health.record_success()
         if (
             kind != _READ
+            and what not in _UNCONDITIONAL
             and topology.previous is not None
-            and (what == "delete" or (result is not None and result is not False))
-        ):  # the write took effect: the previous owner's copy must not come back
+            and result is not None
+            and result is not False
+        ):  # a conditional write took effect: the previous owner's copy must not come back
             self._forget_previous(topology, [(hash_key, wire, node)])
         return result
 
@@ -561,94 +567,14 @@ class ClientCore:
     # -- warm-up ----------------------------------------------------------------------------------
 
     def _warm(self, topology: Topology, misses: Sequence[tuple[bytes, bytes, Node]]) -> dict[bytes, Any]:
-        """Read missed keys from their previous owners and copy them to their new owners.
-
-        ``misses`` holds ``(hash_key, wire, current_owner)``; returns ``{wire: value}`` for the
-        keys found. Only keys that moved in the last membership change are looked up.
-        """
-        now = self._clock()
-        sources: dict[str, list[bytes]] = {}
-        olds: dict[str, Node] = {}
-        owners: dict[bytes, Node] = {}
-        for hash_key, wire, owner in misses:
-            old = topology.previous_owner(hash_key, owner, now)
-            if old is None or not old.ready or not owner.ready:
-                continue
-            sources.setdefault(old.node_id, []).append(wire)
-            olds[old.node_id] = old
-            owners[wire] = owner
-        if not sources:
-            return {}
-        results, errors = exchange(
-            {n: node.pool for n, node in olds.items()}, sources, _meta_get_request, _read_meta_values,
-            lambda w: len(w) + 12,
-        )  # fmt: skip
-        for node_id, exc in errors.items():
-            self._membership.failed(olds[node_id], exc, "warm-up read", None, None)
-        copies: dict[str, list[tuple[bytes, bytes]]] = {}
-        found: dict[bytes, Any] = {}
-        deserialize = self._serde.deserialize
-        for replies in results.values():
-            for reply in replies:
-                for wire, (data, flags, ttl) in reply.items():
-                    try:
-                        found[wire] = deserialize(wire, data, flags)
-                    except SerializationError:
-                        continue
-                    header = b"add %b %d %d %d\r\n" % (wire, flags, ttl, len(data))
-                    copies.setdefault(owners[wire].node_id, []).append((wire, header + data + b"\r\n"))
-        if copies:
-            targets = {n: owner.pool for owner in owners.values() for n in [owner.node_id] if n in copies}
-            _, errors = exchange(
-                targets, copies, lambda chunk: b"".join(c for _, c in chunk),
-                lambda reader, chunk: read_stored(reader, len(chunk)), lambda c: len(c[1]),
-            )  # fmt: skip
-            for node_id, exc in errors.items():
-                self._membership.failed(topology.nodes[node_id], exc, "warm-up copy", None, None)
-        return found
+        """Copy missed keys from their previous owners (see ``shardcache._warmup``)."""
+        return warm(self._membership, self._serde.deserialize, topology, misses, self._clock())
 
     def _forget_previous(self, topology: Topology, moved: Iterable[tuple[bytes, bytes, Node]]) -> None:
-        """After writes during a window: delete the keys on their previous owners, so that a later
-        warm-up cannot bring back the value the writes replaced."""
-        now = self._clock()
-        groups: dict[str, list[bytes]] = {}
-        olds: dict[str, Node] = {}
-        for hash_key, wire, owner in moved:
-            old = topology.previous_owner(hash_key, owner, now)
-            if old is not None:
-                groups.setdefault(old.node_id, []).append(wire)
-                olds[old.node_id] = old
-        if not groups:
-            return
-        _, errors = exchange(
-            {n: node.pool for n, node in olds.items()}, groups,
-            lambda wires: b"".join(b"delete " + w + b"\r\n" for w in wires),
-            lambda reader, wires: read_deleted(reader, len(wires)), lambda w: len(w) + 9,
-        )  # fmt: skip
-        for node_id, exc in errors.items():
-            self._membership.failed(olds[node_id], exc, "delete on previous owner", None, None)
-
-
-def _meta_get_request(wires: Sequence[bytes]) -> bytes:
-    # mg returns the value, its client flags and its remaining TTL (-1: none), or EN on a miss
-    return b"".join(b"mg " + wire + b" v f t k\r\n" for wire in wires)
-
-
-def _read_meta_values(reader: Reader, wires: Sequence[bytes]) -> dict[bytes, tuple[bytes, int, int]]:
-    found: dict[bytes, tuple[bytes, int, int]] = {}
-    for _ in wires:
-        line = reader.line()
-        if line[:2] == b"EN" and (len(line) == 2 or line[2:3] == b" "):
-            continue  # a miss (memcached may echo flags after EN)
-        parts = line.split()
-        if not parts or parts[0] != b"VA":
-            raise_for_error(line)
-        fields = {p[:1]: p[1:] for p in parts[2:]}
-        data = reader.value(int(parts[1]))
-        ttl = int(fields.get(b"t", b"-1"))
-        found[fields[b"k"]] = (data, int(fields.get(b"f", b"0")), 0 if ttl < 0 else max(ttl, 1))
-    return found
+        """Delete moved keys on their previous owners, before (set/delete) or after a write."""
+        forget_previous(self._membership, topology, moved, self._clock())
 
 
 _UNSET = object()
+_UNCONDITIONAL = ("set", "delete")  # writes that replace whatever is there
 _OPTION_NAMES = [p for p in inspect.signature(ClientCore.__init__).parameters if p not in ("self", "unknown")]

@@ -142,6 +142,8 @@ class Client(ClientCore):
         if noreply is None:
             noreply = self._default_noreply
         command = self._store_command(b"set", wire, value, expire, flags, noreply)
+        if topology.previous is not None:  # during a window the previous owner's copy goes first
+            self._forget_previous(topology, [(hash_key, wire, node)])
         node.ops += 1
         pool = node.pool
         conn = pool.acquire()
@@ -162,8 +164,6 @@ class Client(ClientCore):
         pool.release(conn)
         if node.health.failures:
             node.health.record_success()
-        if topology.previous is not None:
-            self._forget_previous(topology, [(hash_key, wire, node)])
         return bool(stored)
 
     def _store(
@@ -402,7 +402,9 @@ class Client(ClientCore):
 
     def _fetch(self, keys: Iterable[Key], with_cas: bool) -> dict[Key, Any]:
         what = "gets_many" if with_cas else "get_many"
-        targets, groups, _, down = self._plan(self._hashed(keys), _READ, what)
+        topology = self._membership.topology
+        hashed = self._hashed(keys)
+        targets, groups, _, down = self._plan(hashed, _READ, what)
         if not groups and not down:
             return {}
         deserialize = self._serde.deserialize
@@ -433,6 +435,17 @@ class Client(ClientCore):
             if not self._miss(exc, reading=True):
                 raise exc
             self._membership.emit(Event("error", "", str(exc), exc))
+        if topology.previous is not None and not with_cas and len(found) < len(hashed):
+            owner_of = topology.ring.node_for
+            misses = [
+                (hash_key, wire, topology.nodes[owner_of(hash_key)])
+                for key, hash_key, wire in hashed
+                if key not in found
+            ]
+            warmed = self._warm(topology, misses)
+            for key, _, wire in hashed:
+                if wire in warmed:
+                    found[key] = warmed[wire]
         return found
 
     def get_many(self, keys: Iterable[Key]) -> dict[Key, Any]:
@@ -465,6 +478,10 @@ class Client(ClientCore):
         for (_, _, wire), (_, value) in zip(hashed, items, strict=True):
             normal[wire] = self._store_command(b"set", wire, value, expire, flags, noreply)
             value_of[wire] = value
+        topology = self._membership.topology
+        if topology.previous is not None:  # during a window the previous owners' copies go first
+            owner_of = topology.ring.node_for
+            self._forget_previous(topology, [(h, w, topology.nodes[owner_of(h)]) for _, h, w in hashed])
         targets, groups, moved, down = self._plan(hashed, _WRITE, "set_many")
         commands: dict[str, list[tuple[bytes, bytes]]] = {}
         for node_id, group in groups.items():
@@ -516,7 +533,12 @@ class Client(ClientCore):
         """
         if noreply is None:
             noreply = self._default_noreply
-        targets, groups, _, down = self._plan(self._hashed(keys), _WRITE, "delete_many")
+        hashed = self._hashed(keys)
+        topology = self._membership.topology
+        if topology.previous is not None:  # during a window the previous owners' copies go first
+            owner_of = topology.ring.node_for
+            self._forget_previous(topology, [(h, w, topology.nodes[owner_of(h)]) for _, h, w in hashed])
+        targets, groups, _, down = self._plan(hashed, _WRITE, "delete_many")
         suffix = b" noreply\r\n" if noreply else b"\r\n"
 
         def encode(wires: Sequence[bytes]) -> bytes:

@@ -458,6 +458,10 @@ class Membership:
         """
         self._closed.set()
         self._wake.set()
+        with self._change_lock:
+            if self._window_timer is not None:
+                self._window_timer.cancel()
+                self._window_timer = None
         prober = self._prober
         if prober is not None and prober is not threading.current_thread():
             prober.join(timeout=5)
