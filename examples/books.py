@@ -1,7 +1,7 @@
 """The seed's book page: ``/books/<id>`` rendered from a real SQLite database, cached in memcached.
 
-    do we have key 'books/321' in our cache?  if so: return it
-    else: generate the page, store it at 'books/321', return it
+do we have key 'books/321' in our cache?  if so: return it
+else: generate the page, store it at 'books/321', return it
 """
 
 from __future__ import annotations

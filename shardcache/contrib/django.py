@@ -60,14 +60,14 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
-from django.conf import settings  # type: ignore[import-untyped]
-from django.core.cache.backends.base import (  # type: ignore[import-untyped]
+from django.conf import settings
+from django.core.cache.backends.base import (
     DEFAULT_TIMEOUT,
     InvalidCacheKey,
 )
-from django.core.cache.backends.memcached import BaseMemcachedCache  # type: ignore[import-untyped]
-from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
-from django.utils.crypto import salted_hmac  # type: ignore[import-untyped]
+from django.core.cache.backends.memcached import BaseMemcachedCache
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.crypto import salted_hmac
 
 import shardcache
 from shardcache.contrib import _original_pickling_error
