@@ -34,7 +34,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	tools/setup-memcached.sh
 	$(BIN)/python -m benchmarks.ring_bench
+	$(BIN)/python -m benchmarks.client_bench
+	$(BIN)/python -m benchmarks.failover_bench
+	$(BIN)/python -m benchmarks.scaling_bench
+	$(BIN)/python -m benchmarks.cas_bench
+	$(BIN)/python -m benchmarks.django_bench
 
 demo: $(STAMP)
 	tools/setup-memcached.sh

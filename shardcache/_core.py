@@ -296,7 +296,9 @@ class ClientCore:
             if self._miss_on_error:
                 return None
             raise self._down(node, what)
-        membership.stood_in(node, target, wire)
+        if kind == _READ and membership.stale_on(node, target, wire):
+            return None  # an outdated copy from an earlier outage, not yet removed
+        membership.stood_in(node, target, wire, writing=kind != _READ)
         return target
 
     def _run(

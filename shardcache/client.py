@@ -81,9 +81,9 @@ class Client(ClientCore):
     failures mark a node DOWN; it is probed ``retry_interval_s`` later, backing off up to
     ``max_retry_interval_s``. While it is down, ``failover`` decides where its keys go:
     ``"fail_fast"`` (default: nowhere, at once), ``"remap"`` (the next live node on the ring) or
-    ``"gutter"`` (the ``gutter_servers``), with TTLs capped at ``failover_ttl_s``. Before it serves
-    again it is fenced (the keys changed while it was away are deleted on it; past
-    ``fence_max_keys`` it is flushed), so it never serves a value older than the last write.
+    ``"gutter"`` (the ``gutter_servers``), with TTLs capped at ``failover_ttl_s``. When it answers
+    again it is fenced (the keys changed while it was away are deleted on it, and miss until then;
+    past ``fence_max_keys`` it is flushed), so it never serves a value older than the last write.
 
     pymemcache's ``ignore_exc=True`` means ``on_error="miss"``; ``use_pooling`` and
     ``lock_generator`` are accepted and ignored (shardcache always pools, without locks).
@@ -557,13 +557,13 @@ class Client(ClientCore):
     def flush_all(self, delay: int = 0, noreply: bool | None = None) -> dict[str, bool]:
         """Invalidate every item on every node (after ``delay`` seconds): ``{node_id: ok}``.
 
-        A node that is down or fails is flushed before it serves again.
+        A node that is down or fails is flushed when it returns (its reads miss until then).
         """
         integer_arg(delay, "delay")
         nodes = self._membership.topology.nodes
         for node in nodes.values():
             if node.health.state != UP:
-                node.fence.overflow()  # flushed before it serves again
+                node.fence.overflow()  # flushed on its return; every read misses until then
         results = self._each_node("flush_all", lambda c: bool(c.flush_all(delay, noreply)), False)
         for node_id, ok in results.items():
             if not ok:

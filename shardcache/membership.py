@@ -6,10 +6,10 @@ membership swaps the whole reference.
 
 Stale reads are prevented by fencing. While a node is away (DOWN or PROBING), every key written,
 deleted or served elsewhere on its behalf is recorded in the node's ``FenceLog``, and so is every
-key whose write or delete failed on it. Before the node serves again, the prober deletes those keys
-on it (or flushes it, if the log overflowed) and removes the copies that fallback or gutter nodes
-took in its place. Until then it is not ``ready``: reads of fenced keys miss instead of returning a
-value that may be older than the last write.
+key whose write or delete failed on it. When the node answers a probe it is readmitted at once, and
+the prober deletes those keys on it (or flushes it, if the log overflowed) and removes the copies that
+fallback or gutter nodes took in its place. Until then it is not ``ready``: reads of fenced keys miss
+instead of returning a value that may be older than the last write.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ class Node:
 
     Thread-safe. ``ready`` is True when the node is UP and has nothing left to forget: requests
     check only that attribute on their fast path. ``copies`` records, per fallback or gutter node,
-    the keys it holds in this node's place.
+    the keys written there in this node's place during the current outage; ``stale`` those of a
+    finished outage, which are being removed and must not be read.
     """
 
     __slots__ = (
@@ -124,6 +125,7 @@ class Node:
         "pool",
         "ready",
         "spec",
+        "stale",
         "timeouts",
     )
 
@@ -136,6 +138,7 @@ class Node:
         self.ready = True
         self.fence = FenceLog(self, fence_limit)
         self.copies: dict[str, set[bytes]] = {}
+        self.stale: dict[str, set[bytes]] = {}
         self.ops = 0
         self.errors = 0
         self.timeouts = 0
@@ -336,15 +339,25 @@ class Membership:
                 return candidate
         return None
 
-    def stood_in(self, node: Node, stand_in: Node, wire: bytes) -> None:
-        """``stand_in`` served ``wire`` for ``node``: fence it on ``node``, remember the copy."""
+    def stood_in(self, node: Node, stand_in: Node, wire: bytes, *, writing: bool) -> None:
+        """``stand_in`` serves ``wire`` for ``node``: fence it on ``node``; a write leaves a copy."""
         node.fence.add(wire)
+        if not writing:
+            return
         with node.lock:
+            stale = node.stale.get(stand_in.node_id)
+            if stale is not None:
+                stale.discard(wire)  # the stand-in is about to hold a fresh value
             copies = node.copies.setdefault(stand_in.node_id, set())
             if len(copies) < self._fence_max_keys:
                 copies.add(wire)
             else:
                 node.fence.overflow()
+
+    def stale_on(self, node: Node, stand_in: Node, wire: bytes) -> bool:
+        """True if ``stand_in`` may still hold an outdated copy of ``wire`` from an earlier outage."""
+        stale = node.stale.get(stand_in.node_id)
+        return stale is not None and wire in stale
 
     def capped_ttl(self, expire: int) -> int:
         """The expiry for a copy stored on a stand-in: at most ``failover_ttl_s``."""
@@ -376,7 +389,7 @@ class Membership:
                     due = node.health.seconds_until_probe()
                     if due is not None:
                         waits.append(due)
-                elif state == UP and node.fence:
+                elif state == UP and (node.fence or node.stale):
                     busy = True
                     if not self._forget(node):
                         node.health.mark_down("fencing failed")
@@ -389,7 +402,14 @@ class Membership:
             self._wake.wait(min([*waits, _PROBE_IDLE_S]))
 
     def _probe(self, node: Node) -> None:
-        """PROBING: ask for ``version``; if it answers, fence the node, then readmit it."""
+        """PROBING: ask for ``version``; if it answers, readmit the node, then fence it.
+
+        Readmission comes first so that requests stop standing in for the node at once (otherwise
+        steady traffic would keep adding keys to forget faster than they are forgotten). Until its
+        fence log is empty the node is not ``ready``: reads of the keys still to forget miss, every
+        other call is served by the node itself. The stand-ins' copies from the outage become
+        ``stale``: removed next, and never read meanwhile should the node go down again.
+        """
         conn = self._probe_connection(node.spec)
         try:
             conn.version()
@@ -398,33 +418,36 @@ class Membership:
             return
         finally:
             conn.close()
-        if self._forget(node):
-            node.health.readmit()
-            node.refresh_ready()
-        else:
-            node.health.probe_failed("fencing failed")
+        node.health.readmit()
+        with node.lock:  # no request stands in for the node any more: its copies are now stale
+            for holder, wires in node.copies.items():
+                node.stale.setdefault(holder, set()).update(wires)
+            node.copies = {}
+        if not self._forget(node):
+            node.health.mark_down("fencing failed")
 
     def _forget(self, node: Node) -> bool:
-        """Delete on ``node`` the keys in its fence log, and its copies on stand-ins. True if done.
+        """Delete on ``node`` the keys in its fence log, and its stale copies on stand-ins.
 
-        Repeats while requests keep adding keys (bounded), so nothing recorded is left behind.
+        A few passes, while requests may still be adding keys; False only if a pass failed.
         """
         for _ in range(5):
             keys, overflowed = node.fence.take()
             with node.lock:
-                copies, node.copies = node.copies, {}
-            if not keys and not overflowed and not copies:
+                stale, node.stale = node.stale, {}
+            if not keys and not overflowed and not stale:
                 node.fence.settle(True)
                 node.refresh_ready()
                 return True
-            done = self._apply_fence(node, keys, overflowed, copies)
+            done = self._apply_fence(node, keys, overflowed, stale)
             node.fence.settle(done)
             if not done:
                 with node.lock:
-                    for holder, wires in copies.items():
-                        node.copies.setdefault(holder, set()).update(wires)
+                    for holder, wires in stale.items():
+                        node.stale.setdefault(holder, set()).update(wires)
                 return False
-        return not node.fence
+        node.refresh_ready()
+        return True
 
     def _apply_fence(
         self, node: Node, keys: set[bytes], overflowed: bool, copies: dict[str, set[bytes]]
