@@ -6,12 +6,18 @@ otherwise local memcached processes; stops them at the end.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections import Counter
 
 import shardcache
 from examples.books import book_page, make_database, timed
 from shardcache.testing import LocalCluster, ServerSetupError
+
+SECTIONS = [
+    ("scaling out: a node added live, with warm-up", "examples.scaling_demo"),
+    ("failover: a node frozen, then killed, under load", "examples.failover_demo"),
+]
 
 
 def section(title: str) -> None:
@@ -59,6 +65,11 @@ def main() -> int:
         except shardcache.KeyValidationError as exc:
             print(f"  refused: {exc}")
         print(f"  'books/321' still cached: {cache.get('books/321') is not None}")
+        cache.flush_all()
+
+        for title, module in SECTIONS:
+            section(title)
+            importlib.import_module(module).demo(cluster)
     print("\nmake demo: done; the cluster is stopped.")
     return 0
 

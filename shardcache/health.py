@@ -199,7 +199,7 @@ class NodeHealth:
             self._on_change(PROBING, DOWN, reason)
 
     def readmit(self) -> None:
-        """PROBING -> UP: the node answered the probe and has been fenced."""
+        """PROBING -> UP: the node answered the probe (fencing follows; see membership)."""
         with self._lock:
             if self.state != PROBING:
                 return
@@ -208,7 +208,7 @@ class NodeHealth:
             self.state = UP
             self.state_changes += 1
         if self._on_change is not None:
-            self._on_change(PROBING, UP, "probe answered; fenced")
+            self._on_change(PROBING, UP, "probe answered; its changed keys miss until fenced")
 
     def seconds_until_probe(self) -> float | None:
         """How long until a probe is due (0 if due now), or None if the node is not DOWN."""
