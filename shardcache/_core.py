@@ -270,6 +270,18 @@ class ClientCore:
             reading and isinstance(err, SerializationError)
         )
 
+    def _call_failed(self, node: Node, exc: Exception, what: str, key: Any, wire: bytes | None) -> None:
+        """Report a failed call to ``node``; raise our exception for it unless it becomes a miss.
+
+        ``wire`` is given for writes (the key is fenced on a transport failure).
+        """
+        err = self._membership.failed(node, exc, what, key, wire)
+        if self._miss(err, reading=wire is None and what in _READS):
+            return
+        if err is exc:
+            raise exc
+        raise err from exc
+
     def _down(self, node: Node, what: str) -> NodeUnavailableError:
         return NodeUnavailableError(
             f"memcached node {node.node_id} is {node.health.state} "
@@ -331,12 +343,8 @@ class ClientCore:
             pool.discard(conn)
             # A failed write may have left the node's old value: fence it. Not a counter's: its
             # value is not replaced by the failed increment, and deleting it would lose the count.
-            err = self._membership.failed(target, exc, what, key, wire if kind == _WRITE else None)
-            if self._miss(err, reading=kind == _READ):
-                return missed
-            if err is exc:
-                raise
-            raise err from exc
+            self._call_failed(target, exc, what, key, wire if kind == _WRITE else None)
+            return missed
         pool.release(conn)
         if target.health.failures:
             target.health.record_success()
@@ -400,10 +408,8 @@ class ClientCore:
                 raise_for_error(line)
         except Exception as exc:
             node.pool.discard(conn)
-            err = self._membership.failed(node, exc, "delete (compare)", key, wire)
-            if self._miss(err, reading=False):
-                return False
-            raise err from exc
+            self._call_failed(node, exc, "delete (compare)", key, wire)
+            return False
         node.pool.release(conn)
         return line == b"HD"
 
@@ -579,4 +585,5 @@ class ClientCore:
 
 _UNSET = object()
 _UNCONDITIONAL = ("set", "delete")  # writes that replace whatever is there
+_READS = ("get", "gets")
 _OPTION_NAMES = [p for p in inspect.signature(ClientCore.__init__).parameters if p not in ("self", "unknown")]

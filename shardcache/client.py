@@ -102,19 +102,11 @@ class Client(ClientCore):
         pool = node.pool
         conn = pool.acquire()
         try:
-            sock = conn.sock
-            if sock is None:
-                conn._connect()
-                sock = conn.sock
-            found = fetch_one(sock, b"get " + wire + b"\r\n", False)
+            found = fetch_one(_socket(conn), b"get " + wire + b"\r\n", False)
         except Exception as exc:
             pool.discard(conn)
-            err = self._membership.failed(node, exc, "get", key, None)
-            if self._miss(err, reading=True):
-                return default
-            if err is exc:
-                raise
-            raise err from exc
+            self._call_failed(node, exc, "get", key, None)
+            return default
         pool.release(conn)
         if node.health.failures:
             node.health.record_success()
@@ -148,19 +140,11 @@ class Client(ClientCore):
         pool = node.pool
         conn = pool.acquire()
         try:
-            sock = conn.sock
-            if sock is None:
-                conn._connect()
-                sock = conn.sock
-            stored = store_one(sock, command, noreply)
+            stored = store_one(_socket(conn), command, noreply)
         except Exception as exc:
             pool.discard(conn)
-            err = self._membership.failed(node, exc, "set", key, wire)
-            if self._miss(err, reading=False):
-                return False
-            if err is exc:
-                raise
-            raise err from exc
+            self._call_failed(node, exc, "set", key, wire)
+            return False
         pool.release(conn)
         if node.health.failures:
             node.health.record_success()
