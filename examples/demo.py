@@ -17,6 +17,7 @@ from shardcache.testing import LocalCluster, ServerSetupError
 SECTIONS = [
     ("scaling out: a node added live, with warm-up", "examples.scaling_demo"),
     ("failover: a node frozen, then killed, under load", "examples.failover_demo"),
+    ("the hit counter: naive get/set, incr, cas_update", "examples.hit_counter"),
 ]
 
 

@@ -351,6 +351,7 @@ class ClientCore:
         if (
             kind != _READ
             and what not in _UNCONDITIONAL
+            and what not in _READS  # a counter-routed gets is still a read
             and topology.previous is not None
             and result is not None
             and result is not False

@@ -29,6 +29,9 @@ __all__ = ["forget_previous", "warm"]
 Deserialize = Callable[[bytes, bytes, int], Any]
 
 
+_ATTEMPTS = 3
+
+
 def warm(
     membership: Membership,
     deserialize: Deserialize,
@@ -39,8 +42,29 @@ def warm(
     """Copy missed keys from their previous owners to their owners; ``{wire: value}`` of those found.
 
     ``misses`` holds ``(hash_key, wire, owner)``. Only keys that moved in the last membership
-    change, whose previous owner and owner are both ready, are looked up.
+    change, whose previous owner and owner are both ready, are looked up. A copy withdrawn because
+    its source was *replaced* meanwhile (not deleted) is tried again, a few times: the key exists,
+    and reporting a miss would let a counter restart from its initial value.
     """
+    found: dict[bytes, Any] = {}
+    pending = list(misses)
+    for _ in range(_ATTEMPTS):
+        copied, changed = _warm_once(membership, deserialize, topology, pending, now)
+        found.update(copied)
+        if not changed:
+            break
+        pending = [miss for miss in pending if miss[1] in changed]
+    return found
+
+
+def _warm_once(
+    membership: Membership,
+    deserialize: Deserialize,
+    topology: Topology,
+    misses: Sequence[tuple[bytes, bytes, Node]],
+    now: float,
+) -> tuple[dict[bytes, Any], set[bytes]]:
+    """One pass of ``warm``: the values copied, and the keys whose source changed under the copy."""
     sources: dict[str, list[bytes]] = {}
     olds: dict[str, Node] = {}
     owner_of: dict[bytes, Node] = {}
@@ -54,7 +78,7 @@ def warm(
         owner_of[wire] = owner
         old_of[wire] = old
     if not sources:
-        return {}
+        return {}, set()
     read = _run(membership, olds, sources, _read_request(b" v f t c k"), _read_meta, "warm-up read")
     values: dict[bytes, tuple[bytes, int, int, bytes]] = {}
     for reply in read:
@@ -74,10 +98,13 @@ def warm(
         current.update(reply)
     withdraw: dict[str, list[tuple[bytes, bytes]]] = {}
     found: dict[bytes, Any] = {}
+    changed: set[bytes] = set()
     for wire, cas in stored.items():
         now_there = current.get(wire)
         if now_there is None or now_there[3] != values[wire][3]:
             withdraw.setdefault(owner_of[wire].node_id, []).append((wire, b"md %b C%b\r\n" % (wire, cas)))
+            if now_there is not None:
+                changed.add(wire)  # replaced, not deleted: copy the new value
             continue
         data, flags, _, _ = values[wire]
         try:
@@ -86,7 +113,7 @@ def warm(
             continue  # unreadable: a miss, as it would be on its own node
     if withdraw:
         _run(membership, owners, withdraw, _commands, _read_meta_deleted, "warm-up withdraw")
-    return found
+    return found, changed
 
 
 def forget_previous(

@@ -264,8 +264,8 @@ class Client(ClientCore):
         """Add ``value`` to the counter at ``key``: the new value, or None if ``key`` is absent.
 
         With ``initial``, an absent counter is created at ``initial`` (with ``expire``) and
-        ``initial`` is returned; creation uses ``add``, so concurrent creators never overwrite each
-        other's increments. memcached counters are unsigned 64-bit integers stored as decimal text:
+        ``initial`` is returned, the delta not added (as libmemcached's increment-with-initial);
+        creation uses ``add``, so concurrent creators never overwrite each other's increments. memcached counters are unsigned 64-bit integers stored as decimal text:
         ``incr`` wraps around at 2**64, ``decr`` stops at 0, and a value that is not a number
         raises ``CommandError``. A counter is never moved to a stand-in node while its node is down:
         the call misses (or raises) instead, so no count restarts from zero elsewhere.
@@ -347,8 +347,9 @@ class Client(ClientCore):
         """Apply ``fn`` to the value of ``key`` atomically (the CAS retry loop); the stored value.
 
         An absent key is created with ``add(key, fn(initial))``. ``fn`` may run more than once; if
-        it raises, nothing is written. ``CasConflictError`` after ``max_attempts`` conflicts. See
-        ``shardcache.recipes.cas_update``.
+        it raises, nothing is written. ``CasConflictError`` after ``max_attempts`` conflicts. It
+        never runs on a stand-in node: if the key's node is down it raises (or, with
+        ``on_error="miss"``, returns None). See ``shardcache.recipes.cas_update``.
         """
         return recipes.cas_update(
             self, key, fn, initial=initial, expire=expire, max_attempts=max_attempts,

@@ -56,7 +56,9 @@ def cas_update(
     win. If the key's owner changes between ``gets`` and ``cas`` (a node added, a failover), the
     node-bound token makes ``cas`` report a conflict and the loop re-reads. ``fn`` may run several
     times; if it raises, nothing is written and the exception propagates. After ``max_attempts``
-    conflicts, ``CasConflictError``.
+    conflicts, ``CasConflictError``. The loop never runs on a stand-in node (the value would
+    restart from ``initial`` there): if the key's node is unavailable, the node error propagates,
+    or with ``on_error="miss"`` the call returns None.
     """
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise ArgumentError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
