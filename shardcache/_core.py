@@ -30,7 +30,7 @@ from shardcache._config import (
 )
 from shardcache._pool import NodePool
 from shardcache._warmup import forget_previous, warm
-from shardcache._wire import Reader, raise_for_error
+from shardcache._wire import Reader, connected, raise_for_error
 from shardcache.errors import (
     ConfigurationError,
     KeyValidationError,
@@ -401,10 +401,9 @@ class ClientCore:
             return False
         conn = node.pool.acquire()
         try:
-            if conn.sock is None:
-                conn._connect()
-            conn.sock.sendall(b"md %b C%b\r\n" % (wire, bytes(token)))
-            line = Reader(conn.sock).line()
+            sock = connected(conn)
+            sock.sendall(b"md %b C%b\r\n" % (wire, bytes(token)))
+            line = Reader(sock).line()
             if line not in (b"HD", b"EX", b"NF"):
                 raise_for_error(line)
         except Exception as exc:

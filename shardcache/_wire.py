@@ -29,6 +29,7 @@ from shardcache._pool import NodePool
 __all__ = [
     "ROUND_BYTES",
     "Reader",
+    "connected",
     "exchange",
     "fetch_one",
     "raise_for_error",
@@ -181,6 +182,14 @@ def read_values(
     return found
 
 
+def connected(conn: PymemcacheClient) -> socket.socket:
+    """The socket of a pymemcache connection, connecting it first if needed."""
+    if conn.sock is None:
+        conn._connect()
+    sock: socket.socket = conn.sock
+    return sock
+
+
 def fetch_one(sock: socket.socket, command: bytes, with_cas: bool) -> tuple[bytes, int, bytes] | None:
     """Send one get/gets ``command`` and read its reply: ``(data, flags, cas)`` or None (a miss)."""
     sock.sendall(command)
@@ -272,9 +281,7 @@ def exchange(
             pool = pools[node]
             conn = pool.acquire()
             try:
-                if conn.sock is None:
-                    conn._connect()
-                conn.sock.sendall(encode(chunk))
+                connected(conn).sendall(encode(chunk))
             except Exception as exc:
                 pool.discard(conn)
                 errors[node] = exc

@@ -19,7 +19,16 @@ from shardcache import recipes
 from shardcache._config import integer_arg
 from shardcache._core import COUNTER, READ, UNAVAILABLE, WRITE, ClientCore, Key
 from shardcache._pool import node_failure
-from shardcache._wire import Reader, exchange, fetch_one, read_deleted, read_stored, read_values, store_one
+from shardcache._wire import (
+    Reader,
+    connected,
+    exchange,
+    fetch_one,
+    read_deleted,
+    read_stored,
+    read_values,
+    store_one,
+)
 from shardcache.errors import (
     ArgumentError,
     CasConflictError,
@@ -102,7 +111,7 @@ class Client(ClientCore):
         pool = node.pool
         conn = pool.acquire()
         try:
-            found = fetch_one(_socket(conn), b"get " + wire + b"\r\n", False)
+            found = fetch_one(connected(conn), b"get " + wire + b"\r\n", False)
         except Exception as exc:
             pool.discard(conn)
             self._call_failed(node, exc, "get", key, None)
@@ -140,7 +149,7 @@ class Client(ClientCore):
         pool = node.pool
         conn = pool.acquire()
         try:
-            stored = store_one(_socket(conn), command, noreply)
+            stored = store_one(connected(conn), command, noreply)
         except Exception as exc:
             pool.discard(conn)
             self._call_failed(node, exc, "set", key, wire)
@@ -171,7 +180,7 @@ class Client(ClientCore):
 
         def call(c: PymemcacheClient, k: bytes, t: Node, stand_in: bool) -> bool:
             command = store_command(name, k, value, capped(expire) if stand_in else expire, flags, quiet, cas)
-            return store_one(_socket(c), command, quiet)
+            return store_one(connected(c), command, quiet)
 
         return self._run(key, name.decode(), call, missed, kind)
 
@@ -265,10 +274,11 @@ class Client(ClientCore):
 
         With ``initial``, an absent counter is created at ``initial`` (with ``expire``) and
         ``initial`` is returned, the delta not added (as libmemcached's increment-with-initial);
-        creation uses ``add``, so concurrent creators never overwrite each other's increments. memcached counters are unsigned 64-bit integers stored as decimal text:
-        ``incr`` wraps around at 2**64, ``decr`` stops at 0, and a value that is not a number
-        raises ``CommandError``. A counter is never moved to a stand-in node while its node is down:
-        the call misses (or raises) instead, so no count restarts from zero elsewhere.
+        creation uses ``add``, so concurrent creators never overwrite each other's increments.
+        memcached counters are unsigned 64-bit integers stored as decimal text: ``incr`` wraps at
+        2**64, ``decr`` stops at 0, and a value that is not a number raises ``CommandError``. A
+        counter is never moved to a stand-in node while its node is down: the call misses (or
+        raises) instead, so no count restarts from zero elsewhere.
         """
         return self._counter("incr", key, value, noreply, initial, expire)
 
@@ -599,13 +609,6 @@ class Client(ClientCore):
 
 _MISSING = object()
 _UNAVAILABLE = UNAVAILABLE
-
-
-def _socket(conn: PymemcacheClient) -> Any:
-    """The connection's socket, connecting it first if needed."""
-    if conn.sock is None:
-        conn._connect()
-    return conn.sock
 
 
 _CREATE_ATTEMPTS = 8

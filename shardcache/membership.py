@@ -314,10 +314,6 @@ class Membership:
             self._start_prober()
         return err
 
-    def succeeded(self, node: Node) -> None:
-        if node.health.failures:
-            node.health.record_success()
-
     def stand_in(
         self, topology: Topology, node: Node, hash_key: bytes, *, counter: bool = False
     ) -> Node | None:
