@@ -58,6 +58,7 @@ FAST = {  # as integration/test_failover.py: a frozen node costs at most a short
     "max_retry_interval_s": 0.5,
 }
 
+
 # --------------------------------------------------------------------------------------------------
 # helpers: workers in threads and in spawned processes
 # --------------------------------------------------------------------------------------------------
