@@ -18,6 +18,7 @@ SECTIONS = [
     ("scaling out: a node added live, with warm-up", "examples.scaling_demo"),
     ("failover: a node frozen, then killed, under load", "examples.failover_demo"),
     ("the hit counter: naive get/set, incr, cas_update", "examples.hit_counter"),
+    ("the seed's Flask app: @cache.cached pages, invalidated on update", "examples.flask_demo"),
 ]
 
 
