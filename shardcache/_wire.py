@@ -113,6 +113,9 @@ def raise_for_error(line: bytes) -> None:
 
 def rounds(items: Sequence[Any], size_of: Callable[[Any], int]) -> Iterable[Sequence[Any]]:
     """Split ``items`` into consecutive slices of at most ``ROUND_BYTES`` (at least one item each)."""
+    if sum(map(size_of, items)) <= ROUND_BYTES:
+        yield items  # the common case: one round
+        return
     start, total = 0, 0
     for i, item in enumerate(items):
         size = size_of(item)
