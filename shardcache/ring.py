@@ -121,6 +121,16 @@ class Ring:
         "_table",
     )
 
+    def __new__(
+        cls,
+        nodes: Iterable[NodeSpecLike] | str,
+        *,
+        hashing: str = "mmh3",
+        ketama_naming: str = "libmemcached",
+    ) -> Ring:
+        # Each mode has its own node_for, so a lookup never tests the mode.
+        return super().__new__(_KetamaRing if cls is Ring and hashing == "ketama" else cls)
+
     def __init__(
         self,
         nodes: Iterable[NodeSpecLike] | str,
@@ -137,7 +147,7 @@ class Ring:
         self._specs: tuple[NodeSpec, ...] = parse_nodes(nodes)
         self._hashing = hashing
         self._naming = ketama_naming
-        self._table: array[int] | None = None
+        self._table: array[int] = array("H")  # the slot table (mmh3 mode only)
         self._points: list[int] = []
         self._owners: list[str] = []
         self._runs: tuple[array[int], array[int]] = (array("I"), array("H"))
@@ -204,23 +214,12 @@ class Ring:
 
     def node_for(self, key: Key) -> str:
         """The node id that owns ``key`` (``str`` is hashed as UTF-8; the key prefix is not hashed)."""
-        table = self._table
         try:
-            if table is not None:
-                if type(key) is str and not key.isascii():
-                    key = key.encode()  # strict UTF-8 first: mmh3 must never see a lone surrogate
-                return self._ids[table[_mmh3_hash(key, 0, False) >> _SLOT_SHIFT]]
-            if type(key) is str:
-                key = key.encode()
-            h = int.from_bytes(_md5(key).digest()[:4], "little")
+            if type(key) is str and not key.isascii():
+                key = key.encode()  # strict UTF-8 first: mmh3 must never see a lone surrogate
+            return self._ids[self._table[_mmh3_hash(key, 0, False) >> _SLOT_SHIFT]]
         except (TypeError, ValueError):
             raise _key_error(key) from None
-        bucket = h >> self._bucket_shift
-        owner = self._bucket_owner[bucket]
-        if owner is not None:
-            return owner
-        starts = self._bucket_start
-        return self._owners[bisect_left(self._points, h, starts[bucket], starts[bucket + 1])]
 
     def preference_list(self, key: Key, n: int) -> tuple[str, ...]:
         """The owner of ``key`` then the next distinct nodes clockwise: at most ``n`` node ids."""
@@ -237,7 +236,7 @@ class Ring:
     def _walk(self, key: Key) -> Iterator[str]:
         """Owners of the ring positions from ``key`` clockwise, once around."""
         try:
-            if self._table is not None:
+            if self._hashing == "mmh3":
                 if isinstance(key, str):
                     key = key.encode()
                 occupied, ranks = self._runs
@@ -329,7 +328,7 @@ class Ring:
 
     def _arcs(self) -> tuple[list[int], list[str]]:
         """Hash-space boundaries and owners: hashes in ``[b[i], b[i+1])`` belong to ``owners[i]``."""
-        if self._table is not None:
+        if self._hashing == "mmh3":
             occupied, ranks = self._runs
             bounds = [0]
             bounds.extend((slot + 1) << _SLOT_SHIFT for slot in occupied)
@@ -346,7 +345,7 @@ class Ring:
     def share(self) -> dict[str, float]:
         """Fraction of the hash space owned by each node id (sums to 1)."""
         totals: Counter[str] = Counter({node: 0 for node in self._ids})
-        if self._table is not None:
+        if self._hashing == "mmh3":
             totals.update(self._ids[r] for r in self._table)
             return {node: totals[node] / _SLOTS for node in self.nodes}
         bounds, owners = self._arcs()
@@ -373,7 +372,7 @@ class Ring:
             return RingDiff(sum(flows.values()) / total, {k: v / total for k, v in flows.items()}, total)
         if self._hashing != other._hashing:
             raise ConfigurationError("diff of rings with different hashing modes needs keys=")
-        if self._table is not None and other._table is not None:
+        if self._hashing == "mmh3":
             a_ids, b_ids = self._ids, other._ids
             for (ra, rb), count in Counter(zip(self._table, other._table, strict=True)).items():
                 if a_ids[ra] != b_ids[rb]:
@@ -385,6 +384,25 @@ class Ring:
                 if src != dst:
                     flows[(src, dst)] += hi - lo
         return RingDiff(sum(flows.values()) / space, {k: v / space for k, v in flows.items()})
+
+
+class _KetamaRing(Ring):
+    """A ``Ring`` in ketama mode: the same value, with libmemcached's lookup."""
+
+    __slots__ = ()
+
+    def node_for(self, key: Key) -> str:
+        """The node id that owns ``key`` (``str`` is hashed as UTF-8; the key prefix is not hashed)."""
+        try:
+            h = int.from_bytes(_md5(key.encode() if type(key) is str else key).digest()[:4], "little")
+        except (TypeError, ValueError):
+            raise _key_error(key) from None
+        bucket = h >> self._bucket_shift
+        owner = self._bucket_owner[bucket]
+        if owner is not None:
+            return owner
+        starts = self._bucket_start
+        return self._owners[bisect_left(self._points, h, starts[bucket], starts[bucket + 1])]
 
 
 # -- building the mmh3 slot table ------------------------------------------------------------------
