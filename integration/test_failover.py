@@ -285,3 +285,41 @@ def test_a_returning_node_is_readmitted_under_steady_traffic_for_its_keys(rig: R
             for t in threads:
                 t.join(timeout=30)
             proxy.set_latency(0)
+
+
+def test_a_failed_delete_many_is_forgotten_by_the_prober_even_if_the_node_stays_up(rig: Rig) -> None:
+    with rig.client(on_error="miss", failure_threshold=5) as client:
+        _, proxy, victim = rig.victim(0)
+        key = keys_on(client, victim, 1)[0]
+        client.set(key, "v1")
+        proxy.blackhole()
+        assert client.delete_many([key]) is False  # one timeout; the node stays up
+        proxy.heal()
+        assert client.node_states()[victim] == "up"
+        assert client.get(key) is None  # fenced: the failed delete is not lost
+        assert wait_until(lambda: client.set(key, "v2") and client.get(key) == "v2")
+
+
+def test_a_write_through_a_second_stand_in_makes_the_first_ones_copy_unreadable(rig: Rig) -> None:
+    """A is down: a write of k lands on B; then B is down too: the delete of k lands on C. When B
+    returns, its old copy of k must not be served."""
+    with rig.client(
+        on_error="miss", failover="remap", failure_threshold=1, max_retry_interval_s=0.3
+    ) as client:
+        (_, proxy_a, a), (_, proxy_b, b) = rig.victim(0), rig.victim(1)
+        key = next(k for k in (f"k{i}" for i in range(20000)) if client.ring.preference_list(k, 2) == (a, b))
+        b_key = keys_on(client, b, 1, prefix="b")[0]
+        proxy_a.reset()
+        client.get(key)  # A is marked down
+        assert client.node_states()[a] == "down"
+        assert client.set(key, "V1")  # stored on B, standing in for A
+        proxy_b.blackhole()
+        client.get(b_key)  # B is marked down by a read of its own key
+        assert client.node_states()[b] == "down"
+        client.delete(key)  # goes to the next stand-in
+        proxy_b.heal()
+        assert wait_until(lambda: client.node_states()[b] == "up")
+        assert client.get(key) is None
+        proxy_a.heal()
+        assert wait_until(lambda: client.node_states()[a] == "up")
+        assert client.get(key) is None

@@ -558,3 +558,24 @@ def test_a_warm_up_copy_racing_a_delete_never_brings_the_value_back(
             assert client.get(key) is None  # but afterwards the deleted value never comes back
             with Client([new_spec]) as direct:
                 assert direct.get(key) is None
+
+
+def test_a_delete_during_warm_up_whose_previous_owner_fails_does_not_come_back(
+    fresh_cluster: Callable[..., LocalCluster], fault_proxy: Callable[..., FaultProxy]
+) -> None:
+    cluster = fresh_cluster(4)
+    proxies = [fault_proxy(node) for node in cluster.nodes[:3]]
+    specs = [proxy.spec for proxy in proxies]
+    new = cluster.specs[3]
+    after = Ring([*specs, new])
+    with Client(specs, timeout=0.5, connect_timeout=0.5) as client:
+        key = next(k for k in (f"k{i}" for i in range(5000)) if after.node_for(k) == new)
+        old = specs.index(client.node_for(key))
+        client.set(key, "V0")
+        client.add_node(new, warmup_s=60)
+        proxies[old].reset()  # the previous owner refuses everything while the delete runs
+        client.delete(key)
+        proxies[old].heal()
+        assert client.get(key) is None  # the warm-up must not copy V0 back
+        time.sleep(0.5)
+        assert client.get(key) is None

@@ -13,6 +13,7 @@ __all__ = [
     "BAD_KEY_BYTE",
     "MAX_KEY_LENGTH",
     "check_choice",
+    "check_flags",
     "check_int",
     "check_prefix",
     "check_seconds",
@@ -86,6 +87,13 @@ def unknown_option(unknown: dict[str, Any], known: Iterable[str]) -> Configurati
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigurationError(f"unknown option {name}={unknown[name]!r}{hint}")
+
+
+def check_flags(flags: object) -> None:
+    """Client flags must be an int in 0..2**32-1: anything else would make memcached skip the data
+    block and read the value as a command."""
+    if isinstance(flags, bool) or not isinstance(flags, int) or not 0 <= flags < 2**32:
+        raise ArgumentError(f"flags must be an int in 0..4294967295, got {flags!r}")
 
 
 def integer_arg(value: object, name: str) -> bytes:

@@ -21,6 +21,7 @@ from shardcache._config import (
     BAD_KEY_BYTE,
     MAX_KEY_LENGTH,
     check_choice,
+    check_flags,
     check_int,
     check_prefix,
     check_seconds,
@@ -93,7 +94,7 @@ class ClientCore:
         max_retry_interval_s: float = 30.0,
         failover_ttl_s: int = 60,
         gutter_servers: Iterable[NodeSpecLike] | str | None = None,
-        fence_max_keys: int = 10_000,
+        fence_max_keys: int = 100_000,
         discovery: Callable[[], Any] | None = None,
         discovery_interval_s: float = 30.0,
         discovery_warmup_s: float = 60.0,
@@ -212,7 +213,7 @@ class ClientCore:
 
     def _wire_key(self, key: Key) -> tuple[bytes, bytes]:
         """``(hashed key, key as sent)``; ``KeyValidationError`` naming the key if it is unsafe."""
-        if type(key) is str:
+        if isinstance(key, str):
             try:
                 raw = key.encode(self._key_encoding)
             except UnicodeEncodeError:
@@ -298,13 +299,13 @@ class ClientCore:
         """
         membership = self._membership
         if node.health.state == UP:  # up, with keys still to forget
-            if kind == _READ and wire in node.fence:
-                return None
+            if kind != _WRITE and wire in node.fence:
+                return None  # its value there may be stale: a miss (counters: unavailable)
             return node
         target = membership.stand_in(topology, node, hash_key, counter=kind == _COUNTER)
         if target is None:
-            if kind == _WRITE:
-                node.fence.add(wire)  # the write did not happen: the node's old value must go
+            if kind == _WRITE:  # the write did not happen: the node's old value must go, and so
+                membership.stood_in(node, None, wire, writing=True)  # must older stand-in copies
             if self._miss_on_error:
                 return None
             raise self._down(node, what)
@@ -373,6 +374,7 @@ class ClientCore:
         data, data_flags = self._serde.serialize(wire, value)
         if flags is not None:
             data_flags = flags
+        check_flags(data_flags)
         if type(data) is not bytes:
             data = (
                 bytes(data) if isinstance(data, bytearray | memoryview) else str(data).encode(self._encoding)
@@ -487,8 +489,16 @@ class ClientCore:
             if target.health.failures and target.node_id not in errors:
                 target.health.record_success()
 
-    def _each_node(self, what: str, call: Callable[[PymemcacheClient], T], fallback: T) -> dict[str, T]:
-        nodes = self._membership.topology.nodes
+    def _each_node(
+        self,
+        what: str,
+        call: Callable[[PymemcacheClient], T],
+        fallback: T,
+        nodes: Mapping[str, Node] | None = None,
+    ) -> dict[str, T]:
+        """``call`` on every ring node (or on ``nodes``), one after the other: ``{node_id: result}``."""
+        if nodes is None:
+            nodes = self._membership.topology.nodes
         results: dict[str, T] = {}
         errors: dict[str, Exception] = {}
         down: dict[str, BaseException] = {}

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from pymemcache.exceptions import MemcacheUnknownError
+
 from shardcache._pool import NodePool
 from shardcache._wire import Reader, exchange, raise_for_error, read_deleted
 from shardcache.membership import Membership, Node, Topology
@@ -132,6 +134,7 @@ def forget_previous(
         _run(
             membership, olds, groups, lambda wires: b"".join(b"delete " + w + b"\r\n" for w in wires),
             lambda reader, wires: read_deleted(reader, len(wires)), "delete on previous owner",
+            fence=True,
         )  # fmt: skip
 
 
@@ -142,11 +145,18 @@ def _run(
     encode: Callable[[Sequence[Any]], bytes],
     decode: Callable[[Reader, Sequence[Any]], Any],
     what: str,
+    *,
+    fence: bool = False,
 ) -> list[Any]:
+    """Pipeline ``groups`` to ``nodes``; report failures (with ``fence``, the keys a failed node
+    was meant to forget are fenced on it, so no warm-up reads them there)."""
     pools: dict[str, NodePool] = {node_id: nodes[node_id].pool for node_id in groups}
     results, errors = exchange(pools, groups, encode, decode, _size)
     for node_id, exc in errors.items():
         membership.failed(nodes[node_id], exc, what, None, None)
+        if fence:
+            for wire in groups[node_id]:
+                nodes[node_id].fence.add(wire)
     return [reply for replies in results.values() for reply in replies]
 
 
@@ -181,7 +191,7 @@ def _read_meta(reader: Reader, wires: Sequence[bytes]) -> dict[bytes, tuple[byte
         if _is_miss(line):
             continue
         parts = line.split()
-        if parts and parts[0] == b"VA":
+        if parts and parts[0] == b"VA" and len(parts) > 1 and parts[1].isdigit():
             fields = _fields(parts[2:])
             data = reader.value(int(parts[1]))
         elif parts and parts[0] == b"HD":
@@ -189,8 +199,16 @@ def _read_meta(reader: Reader, wires: Sequence[bytes]) -> dict[bytes, tuple[byte
             data = b""
         else:
             raise_for_error(line)
-        ttl = int(fields.get(b"t", b"-1"))
-        found[fields[b"k"]] = (data, int(fields.get(b"f", b"0")), 0 if ttl < 0 else max(ttl, 1), fields[b"c"])
+        try:
+            ttl = int(fields.get(b"t", b"-1"))
+            found[fields[b"k"]] = (
+                data,
+                int(fields.get(b"f", b"0")),
+                0 if ttl < 0 else max(ttl, 1),
+                fields[b"c"],
+            )
+        except (KeyError, ValueError):
+            raise MemcacheUnknownError(line[:32]) from None
     return found
 
 
@@ -200,7 +218,10 @@ def _read_meta_stored(reader: Reader, chunk: Sequence[tuple[bytes, bytes]]) -> d
     for wire, _ in chunk:
         line = reader.line()
         if line.startswith(b"HD"):
-            stored[wire] = _fields(line.split()[1:])[b"c"]
+            cas = _fields(line.split()[1:]).get(b"c")
+            if cas is None:
+                raise MemcacheUnknownError(line[:32])
+            stored[wire] = cas
         elif not line.startswith(b"NS"):
             raise_for_error(line)
     return stored

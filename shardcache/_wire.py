@@ -160,7 +160,10 @@ def read_values(
         if len(parts) != fields or parts[0] != b"VALUE":
             reader._buf, reader._pos = buf, end + 2
             raise_for_error(line)
-        size = int(parts[3])
+        try:
+            size, flags = int(parts[3]), int(parts[2])
+        except ValueError:
+            raise MemcacheUnknownError(line[:32]) from None
         start = end + 2
         stop = start + size
         if stop + 2 <= len(buf):
@@ -174,7 +177,7 @@ def read_values(
             buf, pos = reader._buf, reader._pos
         key = parts[1]
         try:
-            value = deserialize(key, data, int(parts[2]))
+            value = deserialize(key, data, flags)
         except Exception as exc:
             if refused is None:
                 raise
@@ -193,21 +196,31 @@ def connected(conn: PymemcacheClient) -> socket.socket:
     return sock
 
 
-def fetch_one(sock: socket.socket, command: bytes, with_cas: bool) -> tuple[bytes, int, bytes] | None:
-    """Send one get/gets ``command`` and read its reply: ``(data, flags, cas)`` or None (a miss)."""
+def fetch_one(
+    sock: socket.socket, command: bytes, wire: bytes, with_cas: bool
+) -> tuple[bytes, int, bytes] | None:
+    """Send one get/gets ``command`` for ``wire`` and read its reply: ``(data, flags, cas)`` or None.
+
+    A reply for any other key means the stream is out of step: ``MemcacheUnknownError`` (the
+    caller drops the connection), never another key's value.
+    """
     sock.sendall(command)
     reader = Reader(sock)
     line = reader.line()
     if line == b"END":
         return None
     parts = line.split()
-    if len(parts) != (5 if with_cas else 4) or parts[0] != b"VALUE":
+    if len(parts) != (5 if with_cas else 4) or parts[0] != b"VALUE" or parts[1] != wire:
         raise_for_error(line)
-    data = reader.value(int(parts[3]))
+    try:
+        size, flags = int(parts[3]), int(parts[2])
+    except ValueError:
+        raise MemcacheUnknownError(line[:32]) from None
+    data = reader.value(size)
     end = reader.line()
     if end != b"END":
         raise_for_error(end)
-    return data, int(parts[2]), parts[4] if with_cas else b""
+    return data, flags, parts[4] if with_cas else b""
 
 
 def store_one(sock: socket.socket, command: bytes, noreply: bool) -> bool:

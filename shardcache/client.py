@@ -24,6 +24,7 @@ from shardcache._wire import (
     connected,
     exchange,
     fetch_one,
+    raise_for_error,
     read_deleted,
     read_stored,
     read_values,
@@ -111,7 +112,7 @@ class Client(ClientCore):
         pool = node.pool
         conn = pool.acquire()
         try:
-            found = fetch_one(connected(conn), b"get " + wire + b"\r\n", False)
+            found = fetch_one(connected(conn), b"get " + wire + b"\r\n", wire, False)
         except Exception as exc:
             pool.discard(conn)
             self._call_failed(node, exc, "get", key, None)
@@ -244,12 +245,22 @@ class Client(ClientCore):
         self, key: Key, value: Any, cas: Any, expire: int, noreply: bool, flags: int | None, kind: int
     ) -> Any:
         capped = self._membership.capped_ttl
+        unique = b" " + _cas_unique(cas)
+        store_command = self._store_command
 
         def call(c: PymemcacheClient, k: bytes, target: Node, stand_in: bool) -> bool | None:
             if isinstance(cas, CasToken) and cas.node_id != target.node_id:
                 return False  # a token only means something on the node that issued it
-            result: bool | None = c.cas(k, value, cas, capped(expire) if stand_in else expire, noreply, flags)
-            return result
+            ttl = capped(expire) if stand_in else expire
+            sock = connected(c)
+            sock.sendall(store_command(b"cas", k, value, ttl, flags, noreply, unique))
+            if noreply:
+                return True
+            line = Reader(sock).line()
+            if line in _CAS_REPLIES:
+                return _CAS_REPLIES[line]
+            raise_for_error(line)
+            return None
 
         return self._run(key, "cas", call, _UNAVAILABLE, kind)
 
@@ -511,14 +522,18 @@ class Client(ClientCore):
         self._settle(
             targets, errors, down, "set_many", reading=False, fenced={n: list(g) for n, g in groups.items()}
         )
-        if refused:
-            key, node_id, exc = refused[0]
+        too_large = []
+        for key, node_id, exc in refused:
             err = node_failure(exc, node_id, "set_many", key)
             if isinstance(err, ValueTooLargeError):
-                others = [k for k, _, _ in refused[1:]]
-                more = f" (and {len(others)} more: {others!r})" if others else ""
-                err = ValueTooLargeError(f"{err}{more}", key, node_id, failed)
-            raise err from exc
+                too_large.append((key, node_id, exc, err))
+            else:  # SERVER_ERROR (e.g. out of memory): a node failure like any other
+                self._call_failed(targets[node_id], exc, "set_many", key, None)
+        if too_large:  # the caller's data, not a node failure: always raised
+            key, node_id, exc, err = too_large[0]
+            others = [k for k, _, _, _ in too_large[1:]]
+            more = f" (and {len(others)} more: {others!r})" if others else ""
+            raise ValueTooLargeError(f"{err}{more}", key, node_id, failed) from exc
         return failed
 
     def delete_many(self, keys: Iterable[Key], noreply: bool | None = None) -> bool:
@@ -555,11 +570,12 @@ class Client(ClientCore):
         A node that is down or fails is flushed when it returns (its reads miss until then).
         """
         integer_arg(delay, "delay")
-        nodes = self._membership.topology.nodes
+        topology = self._membership.topology
+        nodes = {**topology.nodes, **topology.gutter_nodes}  # gutter copies are cached values too
         for node in nodes.values():
             if node.health.state != UP:
                 node.fence.overflow()  # flushed on its return; every read misses until then
-        results = self._each_node("flush_all", lambda c: bool(c.flush_all(delay, noreply)), False)
+        results = self._each_node("flush_all", lambda c: bool(c.flush_all(delay, noreply)), False, nodes)
         for node_id, ok in results.items():
             if not ok:
                 nodes[node_id].fence.overflow()
@@ -608,6 +624,19 @@ class Client(ClientCore):
 
 
 _MISSING = object()
+_CAS_REPLIES: dict[bytes, bool | None] = {b"STORED": True, b"EXISTS": False, b"NOT_FOUND": None}
+
+
+def _cas_unique(cas: object) -> bytes:
+    """A CAS token as protocol text: digits only (bytes, str or int, as pymemcache takes them)."""
+    if isinstance(cas, int) and not isinstance(cas, bool) and cas >= 0:
+        return b"%d" % cas
+    text = cas.encode("ascii", "replace") if isinstance(cas, str) else cas
+    if isinstance(text, bytes) and text.isdigit():
+        return bytes(text)
+    raise ArgumentError(f"cas must be a token from gets (digits), got {cas!r}")
+
+
 _UNAVAILABLE = UNAVAILABLE
 
 

@@ -129,7 +129,7 @@ class NodeTimeoutError(NodeUnavailableError, TimeoutError):
 
 
 class ServerError(NodeError, MemcacheServerError):
-    """The node answered with an error (``SERVER_ERROR`` or ``CLIENT_ERROR``)."""
+    """The node answered ``SERVER_ERROR`` (``CLIENT_ERROR`` is a ``CommandError``)."""
 
 
 class ValueTooLargeError(ShardcacheError, MemcacheServerError):

@@ -71,12 +71,14 @@ class FenceLog:
             else:
                 self.overflowed = True
             self._node.ready = False
+        self._node.wake()
 
     def overflow(self) -> None:
         """Record that the node must be flushed as a whole before it serves again."""
         with self._node.lock:
             self.overflowed = True
             self._node.ready = False
+        self._node.wake()
 
     def __contains__(self, wire: object) -> bool:
         return self.overflowed or self._inflight_overflowed or wire in self.keys or wire in self._inflight
@@ -127,15 +129,24 @@ class Node:
         "spec",
         "stale",
         "timeouts",
+        "wake",
     )
 
-    def __init__(self, spec: NodeSpec, pool: NodePool, health: NodeHealth, fence_limit: int) -> None:
+    def __init__(
+        self,
+        spec: NodeSpec,
+        pool: NodePool,
+        health: NodeHealth,
+        fence_limit: int,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
         self.spec = spec
         self.node_id = spec.node_id
         self.pool = pool
         self.health = health
         self.lock = threading.Lock()
         self.ready = True
+        self.wake = wake  # starts the prober: whatever is fenced gets forgotten
         self.fence = FenceLog(self, fence_limit)
         self.copies: dict[str, set[bytes]] = {}
         self.stale: dict[str, set[bytes]] = {}
@@ -260,7 +271,7 @@ class Membership:
                 self.emit(Event("node_up", node.node_id, reason))
 
         health = NodeHealth(spec.node_id, self._policy, clock=self._clock, on_change=on_change)
-        node = Node(spec, self._make_pool(spec), health, self._fence_max_keys)
+        node = Node(spec, self._make_pool(spec), health, self._fence_max_keys, self._start_prober)
         holder.append(node)
         return node
 
@@ -310,8 +321,6 @@ class Membership:
         self.emit(Event("error", node.node_id, str(err), err, key))
         if transport:
             node.health.record_failure(str(err))
-        if wire is not None and transport:
-            self._start_prober()
         return err
 
     def stand_in(
@@ -335,12 +344,19 @@ class Membership:
                 return candidate
         return None
 
-    def stood_in(self, node: Node, stand_in: Node, wire: bytes, *, writing: bool) -> None:
-        """``stand_in`` serves ``wire`` for ``node``: fence it on ``node``; a write leaves a copy."""
+    def stood_in(self, node: Node, stand_in: Node | None, wire: bytes, *, writing: bool) -> None:
+        """``stand_in`` (None: no one) serves ``wire`` for ``node``: fence it on ``node``; a write
+        leaves a copy there and makes any copy on another stand-in stale (never read, removed)."""
         node.fence.add(wire)
         if not writing:
             return
         with node.lock:
+            for holder, copies in node.copies.items():
+                if wire in copies and (stand_in is None or holder != stand_in.node_id):
+                    copies.discard(wire)
+                    node.stale.setdefault(holder, set()).add(wire)
+            if stand_in is None:
+                return
             stale = node.stale.get(stand_in.node_id)
             if stale is not None:
                 stale.discard(wire)  # the stand-in is about to hold a fresh value
@@ -348,7 +364,7 @@ class Membership:
             if len(copies) < self._fence_max_keys:
                 copies.add(wire)
             else:
-                node.fence.overflow()
+                node.fence.overflowed = True
 
     def stale_on(self, node: Node, stand_in: Node, wire: bytes) -> bool:
         """True if ``stand_in`` may still hold an outdated copy of ``wire`` from an earlier outage."""
@@ -466,6 +482,10 @@ class Membership:
             logger.warning(
                 "shardcache: removing stand-in copies for %s failed; they expire by TTL", node.node_id
             )
+        with node.lock:  # holders that are down (but still configured) keep their records
+            for holder, node_of in holders.items():
+                if holder not in live and node_of is not None:
+                    node.stale.setdefault(holder, set()).update(copies[holder])
         detail = "flushed (fence log overflowed)" if overflowed else f"forgot {len(keys)} keys"
         self.emit(Event("fenced", node.node_id, f"{detail}; removed {sum(map(len, copies.values()))} copies"))
         return True

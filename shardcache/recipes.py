@@ -189,8 +189,7 @@ def get_or_set(
     The first caller to miss takes a short lock (``add``) and computes the value; the others poll
     the key until it appears (up to ``wait_s``, default ``lock_ttl_s``). If the holder dies, its
     lock expires after ``lock_ttl_s`` and a waiter takes over. A waiter that runs out of time
-    computes the value itself rather than fail. Values that are None cannot be told from a miss
-    and are recomputed each time.
+    computes the value itself rather than fail.
     """
     value = client.get(key, _MISS)
     if value is not _MISS:

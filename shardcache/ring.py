@@ -234,23 +234,27 @@ class Ring:
         return tuple(found)
 
     def _walk(self, key: Key) -> Iterator[str]:
-        """Owners of the ring positions from ``key`` clockwise, once around."""
+        """Owners of the ring positions from ``key`` clockwise, once around (lazily: callers stop
+        as soon as they have the nodes they need)."""
         try:
             if self._hashing == "mmh3":
                 if isinstance(key, str):
                     key = key.encode()
                 occupied, ranks = self._runs
-                start = bisect_left(occupied, _mmh3_hash(key, 0, False) >> _SLOT_SHIFT) % len(ranks)
+                start = bisect_left(occupied, _mmh3_hash(key, 0, False) >> _SLOT_SHIFT)
                 ids = self._ids
-                runs: list[str] = [ids[r] for r in ranks]
-            else:
-                data = key.encode() if isinstance(key, str) else bytes(key)
-                runs = self._owners[:-1]
-                start = bisect_left(self._points, int.from_bytes(_md5(data).digest()[:4], "little"))
-                start %= len(runs)
+                count = len(ranks)
+                for i in range(start, start + count):
+                    yield ids[ranks[i % count]]
+                return
+            data = key.encode() if isinstance(key, str) else bytes(key)
+            start = bisect_left(self._points, int.from_bytes(_md5(data).digest()[:4], "little"))
         except (TypeError, ValueError):
             raise _key_error(key) from None
-        yield from itertools.islice(itertools.chain(runs[start:], runs[:start]), len(runs))
+        owners = self._owners
+        count = len(owners) - 1
+        for i in range(start, start + count):
+            yield owners[i % count]
 
     # -- shape ------------------------------------------------------------------------------------
 

@@ -203,3 +203,20 @@ def test_new_client_reports_every_node_up_with_zero_counters() -> None:
         c == {"ops": 0, "errors": 0, "timeouts": 0, "failovers": 0, "state_changes": 0}
         for c in client.node_counters().values()
     )
+
+
+@pytest.mark.parametrize("flags", [-1, 2**32, 1.5, "7", True])
+def test_bad_flags_raise_before_anything_is_sent(flags: object) -> None:
+    # flags=-1 would make memcached skip the data block and run the value as a command
+    client = Client(["192.0.2.1:11211"], connect_timeout=0.01, timeout=0.01)
+    with pytest.raises(ArgumentError, match="flags"):
+        client.set("k", b"flush_all", flags=flags)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="flags"):
+        client.set_many({"k": b"flush_all"}, flags=flags)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("token", [b"12a", "x", -1, 1.5, None, b""])
+def test_bad_cas_tokens_raise_before_anything_is_sent(token: object) -> None:
+    client = Client(["192.0.2.1:11211"], connect_timeout=0.01, timeout=0.01)
+    with pytest.raises(ArgumentError, match="cas"):
+        client.cas("k", 1, token)
