@@ -55,7 +55,6 @@ T = TypeVar("T")
 
 READ, WRITE, COUNTER = 0, 1, 2  # kinds of call: COUNTER calls are never sent to a stand-in
 UNAVAILABLE = object()  # what internal calls return when the key's node could not be reached
-_READ, _WRITE, _COUNTER = READ, WRITE, COUNTER
 
 
 class ClientCore:
@@ -299,19 +298,19 @@ class ClientCore:
         """
         membership = self._membership
         if node.health.state == UP:  # up, with keys still to forget
-            if kind != _WRITE and wire in node.fence:
+            if kind != WRITE and wire in node.fence:
                 return None  # its value there may be stale: a miss (counters: unavailable)
             return node
-        target = membership.stand_in(topology, node, hash_key, counter=kind == _COUNTER)
+        target = membership.stand_in(topology, node, hash_key, counter=kind == COUNTER)
         if target is None:
-            if kind == _WRITE:  # the write did not happen: the node's old value must go, and so
+            if kind == WRITE:  # the write did not happen: the node's old value must go, and so
                 membership.stood_in(node, None, wire, writing=True)  # must older stand-in copies
             if self._miss_on_error:
                 return None
             raise self._down(node, what)
-        if kind == _READ and membership.stale_on(node, target, wire):
+        if kind == READ and membership.stale_on(node, target, wire):
             return None  # an outdated copy from an earlier outage, not yet removed
-        membership.stood_in(node, target, wire, writing=kind != _READ)
+        membership.stood_in(node, target, wire, writing=kind != READ)
         return target
 
     def _run(
@@ -344,13 +343,13 @@ class ClientCore:
             pool.discard(conn)
             # A failed write may have left the node's old value: fence it. Not a counter's: its
             # value is not replaced by the failed increment, and deleting it would lose the count.
-            self._call_failed(target, exc, what, key, wire if kind == _WRITE else None)
+            self._call_failed(target, exc, what, key, wire if kind == WRITE else None)
             return missed
         pool.release(conn)
         if target.health.failures:
             target.health.record_success()
         if (
-            kind != _READ
+            kind != READ
             and what not in _UNCONDITIONAL
             and what not in _READS  # a counter-routed gets is still a read
             and topology.previous is not None

@@ -37,13 +37,13 @@ from shardcache.errors import (
 )
 from shardcache.health import UP, Event
 from shardcache.membership import Node
+from shardcache.serde import FLAG_INTEGER
 
 __all__ = ["CasToken", "Client"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
-_READ, _WRITE, _COUNTER = READ, WRITE, COUNTER
 
 
 class CasToken(bytes):
@@ -107,7 +107,7 @@ class Client(ClientCore):
         topology = self._membership.topology
         node = topology.nodes[topology.ring.node_for(hash_key)]
         if not node.ready:
-            return self._run(key, "get", lambda c, k, t, s: c.get(k, default), default, _READ)
+            return self._run(key, "get", lambda c, k, t, s: c.get(k, default), default, READ)
         node.ops += 1
         pool = node.pool
         conn = pool.acquire()
@@ -169,7 +169,7 @@ class Client(ClientCore):
         noreply: bool | None,
         flags: int | None,
         cas: bytes = b"",
-        kind: int = _WRITE,
+        kind: int = WRITE,
         missed: Any = False,
     ) -> Any:
         """A storage command through ``_run``; ``kind=COUNTER`` never goes to a stand-in."""
@@ -215,19 +215,19 @@ class Client(ClientCore):
         The token is a ``CasToken``: it remembers the node that issued it.
         """
         missing = (default, cas_default)
-        found = self._gets(key, default, missing, _READ)
-        return missing if found is _UNAVAILABLE else found
+        found = self._gets(key, default, missing, READ)
+        return missing if found is UNAVAILABLE else found
 
     def _gets(self, key: Key, default: Any, missing: Any, kind: int) -> Any:
-        """``gets``; ``missing`` on a miss, ``_UNAVAILABLE`` if the call could not reach a node."""
+        """``gets``; ``missing`` on a miss, ``UNAVAILABLE`` if the call could not reach a node."""
 
         def call(c: PymemcacheClient, k: bytes, target: Node, stand_in: bool) -> tuple[Any, Any]:
             value, token = c.gets(k, default, None)
             return missing if token is None else (value, CasToken(token, target.node_id))
 
-        found = self._run(key, "gets", call, _UNAVAILABLE, kind)
+        found = self._run(key, "gets", call, UNAVAILABLE, kind)
         if found is missing and self._warm_one(key):  # moved in a membership change: copied over
-            found = self._run(key, "gets", call, _UNAVAILABLE, kind)
+            found = self._run(key, "gets", call, UNAVAILABLE, kind)
         return found
 
     def cas(
@@ -238,8 +238,8 @@ class Client(ClientCore):
         True: stored. False: the key changed, or the token was issued by a node that does not serve
         the key now (the ring changed or a failover happened): re-read and retry. None: absent.
         """
-        result = self._cas(key, value, cas, expire, noreply, flags, _WRITE)
-        return False if result is _UNAVAILABLE else bool(result) if result is not None else None
+        result = self._cas(key, value, cas, expire, noreply, flags, WRITE)
+        return False if result is UNAVAILABLE else bool(result) if result is not None else None
 
     def _cas(
         self, key: Key, value: Any, cas: Any, expire: int, noreply: bool, flags: int | None, kind: int
@@ -262,7 +262,7 @@ class Client(ClientCore):
             raise_for_error(line)
             return None
 
-        return self._run(key, "cas", call, _UNAVAILABLE, kind)
+        return self._run(key, "cas", call, UNAVAILABLE, kind)
 
     def delete(self, key: Key, noreply: bool | None = None) -> bool:
         """Delete ``key``. True if it was deleted (always True with noreply).
@@ -270,7 +270,7 @@ class Client(ClientCore):
         If the node is down or the delete fails, the key is fenced: it is deleted on the node
         before that node serves it again, so an invalidation is never lost.
         """
-        return self._run(key, "delete", lambda c, k, t, s: bool(c.delete(k, noreply)), False, _WRITE)
+        return self._run(key, "delete", lambda c, k, t, s: bool(c.delete(k, noreply)), False, WRITE)
 
     def incr(
         self,
@@ -319,8 +319,8 @@ class Client(ClientCore):
             return result
 
         for _ in range(_CREATE_ATTEMPTS):
-            result: Any = self._run(key, name, call, _UNAVAILABLE, _COUNTER)
-            if result is _UNAVAILABLE:  # its node is down or failed (on_error="miss")
+            result: Any = self._run(key, name, call, UNAVAILABLE, COUNTER)
+            if result is UNAVAILABLE:  # its node is down or failed (on_error="miss")
                 return None
             if result is not None or noreply:
                 return int(result) if result is not None else None
@@ -329,9 +329,9 @@ class Client(ClientCore):
             if initial is None:
                 return None
             created = self._store(
-                b"add", key, b"%d" % initial, expire, False, _FLAG_INTEGER, kind=_COUNTER, missed=_UNAVAILABLE
+                b"add", key, b"%d" % initial, expire, False, FLAG_INTEGER, kind=COUNTER, missed=UNAVAILABLE
             )
-            if created is _UNAVAILABLE:
+            if created is UNAVAILABLE:
                 return None
             if created:
                 return initial
@@ -349,7 +349,7 @@ class Client(ClientCore):
             "touch",
             lambda c, k, t, s: bool(c.touch(k, capped(expire) if s else expire, noreply)),
             False,
-            _WRITE,
+            WRITE,
         )
 
     # -- race-free patterns (shardcache.recipes) ---------------------------------------------------
@@ -410,7 +410,7 @@ class Client(ClientCore):
         what = "gets_many" if with_cas else "get_many"
         topology = self._membership.topology
         hashed = self._hashed(keys)
-        targets, groups, _, down = self._plan(hashed, _READ, what)
+        targets, groups, _, down = self._plan(hashed, READ, what)
         if not groups and not down:
             return {}
         deserialize = self._serde.deserialize
@@ -488,7 +488,7 @@ class Client(ClientCore):
         if topology.previous is not None:  # during a window the previous owners' copies go first
             owner_of = topology.ring.node_for
             self._forget_previous(topology, [(h, w, topology.nodes[owner_of(h)]) for _, h, w in hashed])
-        targets, groups, moved, down = self._plan(hashed, _WRITE, "set_many")
+        targets, groups, moved, down = self._plan(hashed, WRITE, "set_many")
         commands: dict[str, list[tuple[bytes, bytes]]] = {}
         for node_id, group in groups.items():
             commands[node_id] = [
@@ -548,7 +548,7 @@ class Client(ClientCore):
         if topology.previous is not None:  # during a window the previous owners' copies go first
             owner_of = topology.ring.node_for
             self._forget_previous(topology, [(h, w, topology.nodes[owner_of(h)]) for _, h, w in hashed])
-        targets, groups, _, down = self._plan(hashed, _WRITE, "delete_many")
+        targets, groups, _, down = self._plan(hashed, WRITE, "delete_many")
         suffix = b" noreply\r\n" if noreply else b"\r\n"
 
         def encode(wires: Sequence[bytes]) -> bytes:
@@ -637,8 +637,4 @@ def _cas_unique(cas: object) -> bytes:
     raise ArgumentError(f"cas must be a token from gets (digits), got {cas!r}")
 
 
-_UNAVAILABLE = UNAVAILABLE
-
-
 _CREATE_ATTEMPTS = 8
-_FLAG_INTEGER = 2  # pymemcache's and shardcache's flag for an int stored as decimal text
