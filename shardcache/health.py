@@ -159,18 +159,6 @@ class NodeHealth:
             self._on_change(old, DOWN, reason)
         return True
 
-    def mark_down(self, reason: str) -> None:
-        """Declare the node DOWN now (e.g. it failed while being fenced)."""
-        with self._lock:
-            if self.state == DOWN:
-                return
-            self.next_probe_at = self._clock() + self._jittered(self._backoff)
-            old = self.state
-            self.state = DOWN
-            self.state_changes += 1
-        if self._on_change is not None:
-            self._on_change(old, DOWN, reason)
-
     def probe_due(self) -> bool:
         """True if the node is DOWN and its backoff has elapsed."""
         return self.state == DOWN and self._clock() >= self.next_probe_at

@@ -404,7 +404,7 @@ class Membership:
                 elif state == UP and (node.fence or node.stale):
                     busy = True
                     if not self._forget(node):
-                        node.health.mark_down("fencing failed")
+                        node.health.record_failure("fencing failed")
             if not busy:
                 with self._lock:
                     if not self._wake.is_set():
@@ -436,7 +436,7 @@ class Membership:
                 node.stale.setdefault(holder, set()).update(wires)
             node.copies = {}
         if not self._forget(node):
-            node.health.mark_down("fencing failed")
+            node.health.record_failure("fencing failed")
 
     def _forget(self, node: Node) -> bool:
         """Delete on ``node`` the keys in its fence log, and its stale copies on stand-ins.
