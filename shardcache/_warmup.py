@@ -23,7 +23,7 @@ from typing import Any
 from pymemcache.exceptions import MemcacheUnknownError
 
 from shardcache._pool import NodePool
-from shardcache._wire import Reader, exchange, raise_for_error, read_deleted
+from shardcache._wire import Reader, delete_commands, exchange, raise_for_error, read_delete_replies
 from shardcache.membership import Membership, Node, Topology
 
 __all__ = ["forget_previous", "warm"]
@@ -132,8 +132,7 @@ def forget_previous(
             olds[old.node_id] = old
     if groups:
         _run(
-            membership, olds, groups, lambda wires: b"".join(b"delete " + w + b"\r\n" for w in wires),
-            lambda reader, wires: read_deleted(reader, len(wires)), "delete on previous owner",
+            membership, olds, groups, delete_commands, read_delete_replies, "delete on previous owner",
             fence=True,
         )  # fmt: skip
 

@@ -30,9 +30,12 @@ __all__ = [
     "ROUND_BYTES",
     "Reader",
     "connected",
+    "delete_commands",
+    "delete_everywhere",
     "exchange",
     "fetch_one",
     "raise_for_error",
+    "read_delete_replies",
     "read_deleted",
     "read_stored",
     "read_values",
@@ -317,3 +320,25 @@ def exchange(
             else:
                 pool.release(conn)
     return results, errors
+
+
+def delete_commands(wires: Sequence[bytes], noreply: bool = False) -> bytes:
+    """Pipelined ``delete`` commands for ``wires``."""
+    end = b" noreply\r\n" if noreply else b"\r\n"
+    return b"".join(b"delete " + wire + end for wire in wires)
+
+
+def read_delete_replies(reader: Reader, wires: Sequence[bytes]) -> list[bool]:
+    """The replies to ``delete_commands(wires)``."""
+    return read_deleted(reader, len(wires))
+
+
+def delete_everywhere(
+    pools: Mapping[str, NodePool], groups: Mapping[str, Sequence[bytes]], *, noreply: bool = False
+) -> dict[str, Exception]:
+    """Delete ``{node_id: wires}`` on every node at once; the nodes that failed."""
+    _, errors = exchange(
+        pools, groups, lambda wires: delete_commands(wires, noreply),
+        None if noreply else read_delete_replies, lambda wire: len(wire) + 9,
+    )  # fmt: skip
+    return errors

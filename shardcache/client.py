@@ -22,10 +22,10 @@ from shardcache._pool import node_failure
 from shardcache._wire import (
     Reader,
     connected,
+    delete_everywhere,
     exchange,
     fetch_one,
     raise_for_error,
-    read_deleted,
     read_stored,
     read_values,
     store_one,
@@ -549,17 +549,9 @@ class Client(ClientCore):
             owner_of = topology.ring.node_for
             self._forget_previous(topology, [(h, w, topology.nodes[owner_of(h)]) for _, h, w in hashed])
         targets, groups, _, down = self._plan(hashed, WRITE, "delete_many")
-        suffix = b" noreply\r\n" if noreply else b"\r\n"
-
-        def encode(wires: Sequence[bytes]) -> bytes:
-            return b"".join(b"delete " + wire + suffix for wire in wires)
-
-        def decode(reader: Reader, wires: Sequence[bytes]) -> list[bool]:
-            return read_deleted(reader, len(wires))
-
         pools = {node_id: node.pool for node_id, node in targets.items()}
         wire_lists = {node_id: list(group) for node_id, group in groups.items()}
-        _, errors = exchange(pools, wire_lists, encode, None if noreply else decode, lambda w: len(w) + 9)
+        errors = delete_everywhere(pools, wire_lists, noreply=noreply)
         self._settle(targets, errors, down, "delete_many", reading=False, fenced=wire_lists)
         return not errors and not down
 

@@ -25,7 +25,7 @@ from typing import Any
 from pymemcache.client.base import Client as PymemcacheClient
 
 from shardcache._pool import NodePool, node_failure
-from shardcache._wire import Reader, exchange, read_deleted
+from shardcache._wire import delete_everywhere
 from shardcache.errors import NodeTimeoutError, NodeUnavailableError, ProtocolError, ServerError
 from shardcache.health import DOWN, UP, Clock, Event, HealthPolicy, NodeHealth
 from shardcache.nodes import NodeSpec
@@ -577,15 +577,8 @@ class Membership:
 
 
 def _delete_all(pools: Mapping[str, NodePool], groups: Mapping[str, list[bytes]]) -> bool:
-    def encode(wires: Any) -> bytes:
-        return b"".join(b"delete " + wire + b"\r\n" for wire in wires)
-
-    def decode(reader: Reader, wires: Any) -> list[bool]:
-        return read_deleted(reader, len(wires))
-
     with contextlib.suppress(Exception):
-        _, errors = exchange(pools, groups, encode, decode, lambda w: len(w) + 9)
-        return not errors
+        return not delete_everywhere(pools, groups)
     return False
 
 
