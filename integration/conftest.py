@@ -18,6 +18,7 @@ Fixtures:
   LocalCluster of the same backend, closed at teardown: kill and pause its nodes freely.
 - ``fault_proxy`` (function): a factory ``make_proxy(node_or_address)`` returning a
   :class:`~shardcache.testing.FaultProxy` in front of a node, closed at teardown.
+- ``django_settings`` (session): the example Django project configured on the session cluster.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,3 +159,28 @@ def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
     yield make_proxy
     for proxy in made:
         proxy.close()
+
+
+@pytest.fixture(scope="session")
+def django_settings(cluster: LocalCluster) -> Iterator[Any]:
+    """The example Django project's settings, on the session cluster (Django configures once per
+    process, so every test module shares them)."""
+    servers = ",".join(cluster.specs)
+    import django
+    from django.conf import settings
+
+    # settings.py reads these when django.setup() loads it; put the environment back afterwards
+    saved = {name: os.environ.get(name) for name in ("SHARDCACHE_SERVERS", "DJANGO_SETTINGS_MODULE")}
+    os.environ["SHARDCACHE_SERVERS"] = servers
+    os.environ["DJANGO_SETTINGS_MODULE"] = "examples.django_project.settings"
+    try:
+        django.setup()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    if servers != settings.SHARDCACHE_SERVERS:
+        pytest.fail(f"Django settings were configured for {settings.SHARDCACHE_SERVERS}, not {servers}")
+    yield settings

@@ -32,30 +32,6 @@ BACKEND = "shardcache.contrib.django.ShardCache"
 _CHILD_TIMEOUT_S = 30
 
 
-@pytest.fixture(scope="module")
-def django_settings(cluster: LocalCluster) -> Iterator[Any]:
-    """The example project's settings, on the session cluster (Django configures once per process)."""
-    servers = ",".join(cluster.specs)
-    import django
-    from django.conf import settings
-
-    # settings.py reads these when django.setup() loads it; put the environment back afterwards
-    saved = {name: os.environ.get(name) for name in ("SHARDCACHE_SERVERS", "DJANGO_SETTINGS_MODULE")}
-    os.environ["SHARDCACHE_SERVERS"] = servers
-    os.environ["DJANGO_SETTINGS_MODULE"] = "examples.django_project.settings"
-    try:
-        django.setup()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    if servers != settings.SHARDCACHE_SERVERS:
-        pytest.fail(f"Django settings were configured for {settings.SHARDCACHE_SERVERS}, not {servers}")
-    yield settings
-
-
 def caches_for(cluster: LocalCluster, **entry: Any) -> dict[str, Any]:
     return {"default": {"BACKEND": BACKEND, "LOCATION": cluster.specs, **entry}}
 

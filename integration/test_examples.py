@@ -7,7 +7,6 @@ the Django shelf page.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,30 +118,6 @@ def _backend(app: Flask) -> Any:
 
 
 # -- Django: examples/django_project/ --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def django_settings(cluster: LocalCluster) -> Iterator[Any]:
-    """The example project's settings, on the session cluster (Django configures once per process)."""
-    servers = ",".join(cluster.specs)
-    import django
-    from django.conf import settings
-
-    # settings.py reads these when django.setup() loads it; put the environment back afterwards
-    saved = {name: os.environ.get(name) for name in ("SHARDCACHE_SERVERS", "DJANGO_SETTINGS_MODULE")}
-    os.environ["SHARDCACHE_SERVERS"] = servers
-    os.environ["DJANGO_SETTINGS_MODULE"] = "examples.django_project.settings"
-    try:
-        django.setup()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    if servers != settings.SHARDCACHE_SERVERS:
-        pytest.fail(f"Django settings were configured for {settings.SHARDCACHE_SERVERS}, not {servers}")
-    yield settings
 
 
 @pytest.fixture
