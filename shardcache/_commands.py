@@ -1,0 +1,467 @@
+"""Single-key commands, written once as flows (see ``shardcache._flows``).
+
+Each function here is a generator over a :class:`Core`: it validates its arguments, asks the router
+where the key goes, yields the request for that node, and turns the reply into the value pymemcache
+would return. The same flow runs under the sync ``Client`` and any other executor. Multi-key and
+cluster-wide commands are in ``shardcache._batch``; warm-up in ``shardcache._warmup``.
+
+A key's path reads one way: validate (``Core.keys``) -> route (``Core.router``) -> encode
+(``shardcache._protocol``) -> the executor -> parse -> back here, and nothing returns to the caller to
+ask what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from shardcache import _protocol as proto
+from shardcache._events import Events, report_failure
+from shardcache._flows import Call, Flow, Quiet
+from shardcache._options import Options
+from shardcache._protocol import ErrorReply, Expect, Oversized
+from shardcache._router import CallKind, Decision, Router
+from shardcache._topology import Node, Topology
+from shardcache._warmup import forget_previous, warm
+from shardcache.errors import (
+    ArgumentError,
+    CommandError,
+    NodeError,
+    NodeUnavailableError,
+    ProtocolError,
+    SerializationError,
+    ServerError,
+    ShardcacheError,
+    ValueTooLargeError,
+)
+from shardcache.health import Event
+
+__all__ = ["UNAVAILABLE", "CasToken", "Core"]
+
+UNAVAILABLE: Final = object()  # what pinned flows return when the key's node could not be reached
+_MISSING: Final = object()
+_READ, _WRITE, _REPLACE = CallKind.READ, CallKind.WRITE, CallKind.REPLACING_WRITE
+_PINNED, _PINNED_READ = CallKind.PINNED, CallKind.PINNED_READ
+_STORED: Final = b"STORED"
+_CREATE_ATTEMPTS: Final = 8
+
+
+class CasToken(bytes):
+    """A CAS token from ``gets`` that remembers the node which issued it.
+
+    It is the server's token (bytes of digits), so it also works wherever pymemcache takes one.
+    ``Client.cas`` refuses to use it on another node: a token is only meaningful where it was issued.
+    """
+
+    node_id: str
+
+    def __new__(cls, raw: bytes, node_id: str) -> CasToken:
+        token = super().__new__(cls, raw)
+        token.node_id = node_id
+        return token
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CasToken, (bytes(self), self.node_id))
+
+
+class Core:
+    """What every flow of one client shares: options, keys, serde, router, topology, events.
+    Immutable apart from the topology reference it reads from ``membership``; thread-safe."""
+
+    __slots__ = ("events", "keys", "membership", "miss_on_error", "noreply", "options", "router", "serde")
+
+    def __init__(self, options: Options, membership: Any, router: Router, events: Events) -> None:
+        self.options = options
+        self.keys = options.key_codec()
+        self.serde = options.serde
+        self.membership = membership
+        self.router = router
+        self.events = events
+        self.miss_on_error = options.miss_on_error
+        self.noreply = options.default_noreply
+
+    @property
+    def topology(self) -> Topology:
+        topology: Topology = self.membership.topology
+        return topology
+
+    # -- values -----------------------------------------------------------------------------------
+
+    def encode(self, wire: bytes, value: Any, flags: int | None) -> tuple[bytes, int]:
+        """``value`` serialized for ``wire``: (data, flags); nothing is sent if this raises."""
+        data, data_flags = self.serde.serialize(wire, value)
+        if flags is not None:
+            data_flags = flags
+        data_flags = proto.check_flags(data_flags)
+        if type(data) is not bytes:
+            if isinstance(data, bytearray | memoryview):
+                data = bytes(data)
+            elif isinstance(data, str):
+                data = data.encode(self.options.encoding)
+            else:
+                raise SerializationError(f"serde {self.serde!r} returned {type(data).__name__}, not bytes, for {wire!r}")
+        return data, data_flags
+
+    def decode(self, node: Node | None, key: Any, item: Any) -> Any:
+        """The value of a reply item; ``_MISSING`` if it cannot be read and ``on_error="miss"``."""
+        try:
+            if type(item) is Oversized:
+                raise ValueTooLargeError(
+                    f"the value of {key!r} is {item.size} bytes, over max_item_size={self.options.max_item_size}"
+                    " (raise it to match memcached's -I)", key, "" if node is None else node.node_id,
+                )  # fmt: skip
+            return self.serde.deserialize(item.key, item.data, item.flags)
+        except Exception as exc:
+            if not (self.miss_on_error and isinstance(exc, SerializationError | ValueTooLargeError)):
+                raise
+            self.events.emit(Event("error", "" if node is None else node.node_id, str(exc), exc, key))
+            return _MISSING
+
+    # -- failures ---------------------------------------------------------------------------------
+
+    def swallowed(self, err: BaseException, *, reading: bool) -> bool:
+        """True if ``err`` becomes a miss (``on_error="miss"``); False if it must be raised."""
+        if not self.miss_on_error:
+            return False
+        return isinstance(err, NodeUnavailableError | ServerError | ProtocolError) or (
+            reading and isinstance(err, SerializationError)
+        )
+
+    def failed(self, target: Node, err: NodeError, kind: CallKind, wire: bytes | None) -> None:
+        """After a node failure (already reported): fence a write that may not have happened, then
+        return (the caller misses) or raise."""
+        if kind.fence_failed and wire is not None and isinstance(err, NodeUnavailableError | ProtocolError):
+            target.fence(wire)
+        if not self.swallowed(err, reading=kind.reads):
+            raise err
+
+    def refused(self, node: Node, reply: ErrorReply, what: str, key: Any, kind: CallKind) -> None:
+        """A reply that refused the command: report it, then return (a miss) or raise."""
+        err = refusal(node, reply, what, key)
+        report_failure(self.events, node, err, "", key)
+        if not self.swallowed(err, reading=kind.reads):
+            raise err
+
+    def down(self, decision: Decision, what: str) -> None:
+        """The key's node is away and there is no stand-in: raise, unless on_error='miss'."""
+        err = self.router.unavailable(decision, what)
+        if err is not None:
+            raise err
+
+    def route(self, topology: Topology, key: Any, kind: CallKind) -> tuple[bytes, bytes, Node, Decision | None]:
+        """Validate ``key`` and route it: (hashed, wire, owner, decision or None if the owner is ready)."""
+        hash_key, wire = self.keys.wire(key)
+        owner = topology.nodes[topology.ring.node_for(hash_key)]
+        if owner.ready:
+            return hash_key, wire, owner, None
+        return hash_key, wire, owner, self.router.route(topology, owner, hash_key, wire, kind)
+
+
+def refusal(node: Node, reply: ErrorReply, what: str, key: Any) -> ShardcacheError:
+    """Our exception for an error reply from ``node``."""
+    node_id = node.node_id
+    if reply.kind == "SERVER_ERROR":
+        if "too large" in reply.message:
+            return ValueTooLargeError(f"memcached node {node_id} refused the value for {key!r}: {reply.message}", key, node_id)
+        return ServerError(f"memcached node {node_id}: SERVER_ERROR {reply.message} ({what})", node_id)
+    if reply.kind == "CLIENT_ERROR":
+        return CommandError(f"memcached node {node_id} refused {what}: {reply.message}", node_id)
+    return CommandError(f"memcached node {node_id} refused {what}: {reply.kind} {reply.message}".rstrip(), node_id)
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+def get(core: Core, key: Any, default: Any) -> Flow[Any]:
+    """The value of ``key``, or ``default``; during a window a miss is warmed from the previous owner."""
+    topology = core.membership.topology
+    hash_key, wire, owner, decision = core.route(topology, key, _READ)
+    target = owner
+    if decision is not None:
+        if decision.target is None:
+            core.down(decision, "get")
+            return default
+        target = decision.target
+    try:
+        reply = yield Call(target, b"get " + wire + b"\r\n", Expect.VALUES, "get", key, wire)
+    except NodeError as err:
+        core.failed(target, err, _READ, None)
+        return default
+    if type(reply) is not list:
+        core.refused(target, reply, "get", key, _READ)
+        return default
+    if not reply:
+        if topology.previous is not None:
+            warmed = yield from warm(core, topology, [(hash_key, wire, owner)])
+            return warmed.get(wire, default)
+        return default
+    value = core.decode(target, key, reply[0])
+    return default if value is _MISSING else value
+
+
+def gets(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
+    """``(value, CasToken)``, None if absent, or ``UNAVAILABLE`` if no node could answer."""
+    found = yield from _gets_once(core, key, kind)
+    if found is None and core.topology.previous is not None:
+        hash_key, wire = core.keys.wire(key)
+        topology = core.topology
+        if (yield from warm(core, topology, [(hash_key, wire, topology.owner(hash_key))])):
+            found = yield from _gets_once(core, key, kind)  # moved in a membership change: copied over
+    return found
+
+
+def _gets_once(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
+    topology = core.topology
+    _, wire, owner, decision = core.route(topology, key, kind)
+    target = owner
+    if decision is not None:
+        if decision.target is None:
+            core.down(decision, "gets")
+            return UNAVAILABLE
+        target = decision.target
+    try:
+        reply = yield Call(target, b"gets " + wire + b"\r\n", Expect.VALUES, "gets", key, wire)
+    except NodeError as err:
+        core.failed(target, err, kind, None)
+        return UNAVAILABLE
+    if type(reply) is not list:
+        core.refused(target, reply, "gets", key, kind)
+        return UNAVAILABLE
+    if not reply:
+        return None
+    item = reply[0]
+    value = core.decode(target, key, item)
+    if value is _MISSING:
+        return None
+    return value, CasToken(b"%d" % item.cas, target.node_id)
+
+
+# -- writes ---------------------------------------------------------------------------------------
+
+
+def store(
+    core: Core, command: bytes, key: Any, value: Any, expire: int, noreply: bool | None, flags: int | None,
+    kind: CallKind = _WRITE, cas: Any = None,
+) -> Flow[Any]:  # fmt: skip
+    """A storage command: True (stored), False (not stored), None (cas: absent), or
+    ``UNAVAILABLE`` if the key's node could not be reached."""
+    if noreply is None:
+        noreply = core.noreply
+    hash_key, wire = core.keys.wire(key)
+    data, flags = core.encode(wire, value, flags)
+    payload = proto.store(command, wire, data, flags, expire, noreply=bool(noreply), cas=_cas_number(cas))
+    topology = core.topology
+    owner = topology.nodes[topology.ring.node_for(hash_key)]
+    if kind.forget_before and topology.previous is not None:  # the previous owner's copy goes first
+        yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+    target = owner
+    if not owner.ready:
+        decision = core.router.route(topology, owner, hash_key, wire, kind)
+        if decision.target is None:
+            core.down(decision, command.decode())
+            return UNAVAILABLE
+        target = decision.target
+        if decision.stand_in:
+            capped = core.router.capped_ttl(proto.check_expire(expire))
+            payload = proto.store(command, wire, data, flags, capped, noreply=bool(noreply), cas=_cas_number(cas))
+    if isinstance(cas, CasToken) and cas.node_id != target.node_id:
+        return False  # a token only means something on the node that issued it
+    what = command.decode()
+    try:
+        if noreply:
+            yield Quiet(target, payload, what, key)
+            return True
+        reply = yield Call(target, payload, Expect.STATUS, what, key, data_block=True)
+    except NodeError as err:
+        core.failed(target, err, kind, wire)
+        return UNAVAILABLE
+    if type(reply) is ErrorReply:
+        core.refused(target, reply, what, key, kind)
+        return UNAVAILABLE
+    if reply == _STORED:
+        if kind.forget_after and topology.previous is not None:
+            # a conditional write took effect: the previous owner's copy must not come back
+            yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+        return True
+    if command == b"cas" and reply == b"NOT_FOUND":
+        return None
+    return False
+
+
+def _cas_number(cas: Any) -> int | None:
+    return None if cas is None else proto.check_cas(cas)
+
+
+def delete(core: Core, key: Any, noreply: bool | None) -> Flow[bool]:
+    """Delete ``key``: True if it was there (always True with noreply). A delete that fails or
+    cannot reach the node is fenced: the key is deleted there before the node serves it again."""
+    if noreply is None:
+        noreply = core.noreply
+    topology = core.topology
+    hash_key, wire, owner, _ = core.route(topology, key, _PINNED_READ)  # validate and find the owner
+    if topology.previous is not None:
+        yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+    target = owner
+    if not owner.ready:
+        decision = core.router.route(topology, owner, hash_key, wire, _REPLACE)
+        if decision.target is None:
+            core.down(decision, "delete")
+            return False
+        target = decision.target
+    try:
+        if noreply:
+            yield Quiet(target, proto.delete(wire, noreply=True), "delete", key)
+            return True
+        reply = yield Call(target, proto.delete(wire), Expect.STATUS, "delete", key)
+    except NodeError as err:
+        core.failed(target, err, _REPLACE, wire)
+        return False
+    if type(reply) is ErrorReply:
+        core.refused(target, reply, "delete", key, _REPLACE)
+        return False
+    return reply == b"DELETED"
+
+
+def touch(core: Core, key: Any, expire: int, noreply: bool | None) -> Flow[bool]:
+    """A new expiry for ``key``: True if it exists."""
+    if noreply is None:
+        noreply = core.noreply
+    expire = proto.check_expire(expire)
+    topology = core.topology
+    hash_key, wire, owner, decision = core.route(topology, key, _WRITE)
+    target, ttl = owner, expire
+    if decision is not None:
+        if decision.target is None:
+            core.down(decision, "touch")
+            return False
+        target = decision.target
+        if decision.stand_in:
+            ttl = core.router.capped_ttl(expire)
+    try:
+        if noreply:
+            yield Quiet(target, proto.touch(wire, ttl, noreply=True), "touch", key)
+            return True
+        reply = yield Call(target, proto.touch(wire, ttl), Expect.STATUS, "touch", key)
+    except NodeError as err:
+        core.failed(target, err, _WRITE, wire)
+        return False
+    if type(reply) is ErrorReply:
+        core.refused(target, reply, "touch", key, _WRITE)
+        return False
+    if reply == b"TOUCHED":
+        if topology.previous is not None:
+            yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+        return True
+    return False
+
+
+# -- counters -------------------------------------------------------------------------------------
+
+
+def counter(
+    core: Core, key: Any, delta: Any, *, decr: bool, noreply: bool | None, initial: Any, expire: int
+) -> Flow[int | None]:
+    """incr/decr: the new value; None if absent (or unreachable with ``on_error="miss"``).
+
+    With ``initial`` an absent counter is created at ``initial`` and ``initial`` is returned (the
+    delta is not applied: memcached's and libmemcached's convention). Outside a warm-up window this
+    is one ``ma`` round trip; during one, the counter may still be on its previous owner, so it is
+    brought over first.
+    """
+    name = "decr" if decr else "incr"
+    delta = proto.check_delta(delta)
+    if initial is not None:
+        initial = proto.check_delta(initial, "initial")
+        expire = proto.check_expire(expire)
+    hash_key, wire = core.keys.wire(key)
+    if noreply:
+        result = yield from _pinned(core, key, proto.incr_decr(wire, delta, decr=decr, noreply=True), None, name)
+        return None
+    if initial is not None and core.topology.previous is None:
+        payload = proto.meta_arithmetic(wire, delta, decr=decr, initial=initial, vivify_ttl=expire)
+        reply = yield from _pinned(core, key, payload, Expect.META, name)
+        if reply is UNAVAILABLE:
+            return None
+        return _counter_value(reply, core, key, name)
+    for _ in range(_CREATE_ATTEMPTS):
+        reply = yield from _pinned(core, key, proto.incr_decr(wire, delta, decr=decr), Expect.NUMBER, name)
+        if reply is UNAVAILABLE:
+            return None
+        if type(reply) is int:
+            return reply
+        topology = core.topology
+        if topology.previous is not None and (yield from warm(core, topology, [(hash_key, wire, topology.owner(hash_key))])):
+            continue  # the counter was still on its previous owner: now it is here
+        if initial is None:
+            return None
+        created = yield from store(core, b"add", key, b"%d" % initial, expire, False, _FLAG_INTEGER, _PINNED)
+        if created is UNAVAILABLE:
+            return None
+        if created:
+            return int(initial)
+    raise ShardcacheError(f"{name}({key!r}, initial={initial}): the counter kept appearing and disappearing")
+
+
+_FLAG_INTEGER: Final = 2  # pymemcache's flag for int values, so get() returns an int
+
+
+def _pinned(core: Core, key: Any, payload: bytes, kind: int | None, what: str) -> Flow[Any]:
+    """One request to the key's owner only (never a stand-in); ``UNAVAILABLE`` if it is away."""
+    topology = core.topology
+    _, wire, owner, decision = core.route(topology, key, _PINNED)
+    if decision is not None and decision.target is None:
+        core.down(decision, what)
+        return UNAVAILABLE
+    try:
+        if kind is None:
+            yield Quiet(owner, payload, what, key)
+            return None
+        reply = yield Call(owner, payload, kind, what, key)
+    except NodeError as err:
+        core.failed(owner, err, _PINNED, wire)
+        return UNAVAILABLE
+    if type(reply) is ErrorReply:
+        core.refused(owner, reply, what, key, _PINNED)
+        return UNAVAILABLE
+    return reply
+
+
+def _counter_value(reply: Any, core: Core, key: Any, what: str) -> int | None:
+    if reply == b"NOT_FOUND" or (type(reply) is proto.Meta and reply.status in (b"NF", b"EN")):
+        return None
+    if type(reply) is int:
+        return reply
+    if type(reply) is proto.Meta and reply.status == b"VA" and reply.data is not None and reply.data.isdigit():
+        return int(reply.data)
+    raise ProtocolError(f"unexpected reply to {what} of {key!r}: {reply!r}")
+
+
+def compare_delete(core: Core, key: Any, expected: Any) -> Flow[bool]:
+    """Delete ``key`` only if it still holds ``expected`` (meta delete with the CAS value read
+    first), so a value replaced between the read and the delete is left alone. True if deleted."""
+    found = yield from gets(core, key, _PINNED_READ)
+    if found is None or found is UNAVAILABLE:
+        return False
+    value, token = found
+    if value != expected:
+        return False
+    topology = core.topology
+    _, wire, owner, decision = core.route(topology, key, _PINNED)
+    if owner.node_id != token.node_id or decision is not None:
+        return False
+    try:
+        reply = yield Call(owner, proto.meta_delete(wire, cas=int(token)), Expect.META, "delete (compare)", key)
+    except NodeError as err:
+        core.failed(owner, err, _REPLACE, wire)  # fenced: the lock is ours, so its deletion is wanted
+        return False
+    if type(reply) is ErrorReply:
+        core.refused(owner, reply, "delete (compare)", key, _PINNED)
+        return False
+    return bool(reply.status == b"HD")
+
+
+def check_initial(initial: object) -> None:
+    if initial is not None:
+        try:
+            proto.check_delta(initial, "initial")
+        except ArgumentError:
+            raise ArgumentError(f"initial must be an int in 0..2**64-1, got {initial!r}") from None

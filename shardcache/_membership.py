@@ -1,0 +1,152 @@
+"""Membership: the client's current topology, swapped atomically, and the life of its nodes.
+
+Every request reads ``Membership.topology`` once and finishes on that snapshot. ``change`` builds
+the next topology (reusing the ``Node`` of every server that stays, so its connections and health
+survive a reweight) and swaps the reference; with a window, the previous ring stays consulted for
+warm-up (added nodes) and drain (removed ones) until it ends. Node health transitions land here
+(``_on_change``): they emit events, close connections that may be out of step, and wake the prober.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from shardcache._conn import ConnectionSettings, NodePool
+from shardcache._events import Events
+from shardcache._flows import Flow
+from shardcache._options import Options
+from shardcache._prober import Prober
+from shardcache._topology import Node, Topology
+from shardcache.health import DOWN, UP, Event, NodeHealth
+from shardcache.nodes import NodeSpec
+from shardcache.ring import Ring
+
+__all__ = ["Membership"]
+
+
+class Membership:
+    """The topology of one client and the life of its nodes; thread-safe."""
+
+    def __init__(
+        self,
+        options: Options,
+        ring: Ring,
+        gutter_ring: Ring | None,
+        *,
+        events: Events,
+        settings: ConnectionSettings,
+        run: Callable[[Flow[bool]], bool],
+    ) -> None:
+        self._options = options
+        self._settings = settings
+        self._events = events
+        self._change_lock = threading.Lock()
+        self._window_timer: threading.Timer | None = None
+        self.topology: Topology = Topology(ring, {})  # replaced below, once the prober exists
+        self.prober = Prober(lambda: self.topology, run, events)
+        nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
+        gutter = {spec.node_id: self._make_node(spec) for spec in gutter_ring.specs} if gutter_ring else {}
+        self.topology = Topology(ring, nodes, gutter_ring, gutter)
+
+    def _make_node(self, spec: NodeSpec) -> Node:
+        options = self._options
+        pool = NodePool(
+            spec, self._settings, max_idle=options.max_pool_size, idle_timeout=float(options.pool_idle_timeout)
+        )
+        holder: list[Node] = []
+
+        def on_change(old: str, new: str, reason: str) -> None:
+            self._on_change(holder[0], old, new, reason)
+
+        health = NodeHealth(spec.node_id, options.health, clock=options.clock, on_change=on_change)
+        node = Node(spec, pool, health, options.fence_max_keys, self.prober.start)
+        holder.append(node)
+        return node
+
+    def _on_change(self, node: Node, old: str, new: str, reason: str) -> None:
+        node.refresh_ready()
+        if new == DOWN:
+            node.pool.close()  # its connections are dead or out of step
+        if new == DOWN and old == UP:
+            self._events.emit(Event("node_down", node.node_id, reason))
+            failover = self._options.failover
+            if failover != "fail_fast" or node.node_id in self.topology.gutter_nodes:
+                self._events.emit(Event("failover", node.node_id, f"{failover}: its keys go elsewhere"))
+            self.prober.start()
+        elif new == UP:
+            node.pool.close()  # connections from before the outage may be dead or out of step
+            self._events.emit(Event("node_up", node.node_id, reason))
+
+    def node_states(self) -> dict[str, str]:
+        return {node_id: node.health.state for node_id, node in self.topology.nodes.items()}
+
+    # -- changes ----------------------------------------------------------------------------------
+
+    def change(self, ring: Ring, window_s: float) -> tuple[list[str], list[str]]:
+        """Swap to ``ring`` atomically; the node ids added and removed.
+
+        Requests in flight finish on the snapshot they started with. With ``window_s`` > 0 the
+        previous ring stays consulted for that long; removed nodes keep their connections until
+        the window ends.
+        """
+        with self._change_lock:
+            current = self.topology
+            nodes: dict[str, Node] = {}
+            for spec in ring.specs:
+                node = current.nodes.get(spec.node_id)
+                if node is None:
+                    node = self._make_node(spec)
+                else:
+                    node.reweighted(spec)
+                nodes[spec.node_id] = node
+            added = [n for n in nodes if n not in current.nodes]
+            removed = [n for n in current.nodes if n not in nodes]
+            window = window_s > 0
+            self.topology = Topology(
+                ring,
+                nodes,
+                current.gutter_ring,
+                current.gutter_nodes,
+                current.ring if window else None,
+                dict(current.nodes) if window else None,
+                self._options.clock() + window_s if window else 0.0,
+            )
+            if self._window_timer is not None:
+                self._window_timer.cancel()
+            self._window_timer = None
+            retired = [current.nodes[n] for n in removed]
+            if window:
+                timer = threading.Timer(window_s, self._end_window, args=(self.topology, retired))
+                timer.daemon = True
+                self._window_timer = timer
+                timer.start()
+            else:
+                for node in retired:
+                    node.pool.close()
+        for node_id in added:
+            self._events.emit(Event("node_added", node_id, f"warm-up {window_s:g}s" if window else ""))
+        for node_id in removed:
+            self._events.emit(Event("node_removed", node_id, f"drain {window_s:g}s" if window else ""))
+        return added, removed
+
+    def _end_window(self, topology: Topology, retired: list[Node]) -> None:
+        with self._change_lock:
+            if self.topology is topology:
+                self.topology = Topology(topology.ring, topology.nodes, topology.gutter_ring, topology.gutter_nodes)
+                self._window_timer = None
+        for node in retired:
+            if node.node_id not in self.topology.nodes:
+                node.pool.close()
+
+    def close(self) -> None:
+        """Stop the prober and the window timer, close every idle connection. The client stays
+        usable: connections reopen on demand and the prober restarts when needed."""
+        with self._change_lock:
+            if self._window_timer is not None:
+                self._window_timer.cancel()
+                self._window_timer = None
+        self.prober.close()
+        topology = self.topology
+        for node in [*topology.all_nodes(), *topology.previous_nodes.values()]:
+            node.pool.close()

@@ -1,0 +1,166 @@
+"""The prober: brings DOWN nodes back, and makes returning nodes forget what changed meanwhile.
+
+One daemon thread per client, started when a node goes down or has keys to forget, and stopped by
+itself when there is nothing left to do. For each node:
+
+- DOWN, backoff elapsed: probe it (``version`` on a new connection). If it answers it is
+  readmitted at once, so requests stop standing in for it, then fenced (below); until its fence
+  log is empty it is not ``ready`` and reads of the keys still to forget miss. If the probe fails
+  the backoff doubles.
+- UP with keys to forget: delete them on it (or flush it, past ``fence_max_keys``), and delete the
+  copies its stand-ins took during the outage. A pass that fails counts as one transport failure.
+
+The work itself is written as flows (``probe_flow``, ``forget_flow``) so any executor can run it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from shardcache._events import Events
+from shardcache._flows import Call, Fanout, Flow, Probe
+from shardcache._protocol import ErrorReply, Expect, delete, flush_all
+from shardcache._topology import ForgetWork, Node, Topology
+from shardcache.errors import NodeError
+from shardcache.health import DOWN, UP, Event
+
+__all__ = ["Prober", "forget_flow", "probe_flow"]
+
+logger = logging.getLogger("shardcache")
+
+_IDLE_S = 0.5
+_PASSES = 5
+
+
+def probe_flow(node: Node, topology: Callable[[], Topology], events: Events) -> Flow[bool]:
+    """PROBING: ask for ``version``; if it answers, readmit the node, then fence it."""
+    answer = yield Probe(node.spec)
+    if isinstance(answer, NodeError):
+        node.health.probe_failed(f"probe failed: {answer}")
+        return False
+    node.health.readmit()
+    node.retire_copies()  # no request stands in for it any more: its stand-ins' copies are stale
+    return (yield from forget_flow(node, topology, events))
+
+
+def forget_flow(node: Node, topology: Callable[[], Topology], events: Events) -> Flow[bool]:
+    """Delete on ``node`` the keys in its fence log, and its stale copies on stand-ins.
+
+    A few passes, while requests may still be adding keys; False if a pass failed.
+    """
+    for _ in range(_PASSES):
+        work = node.take_work()
+        if not work:
+            node.settle_work(work, done=True, kept_stale={})
+            return True
+        done, kept = yield from _apply(node, work, topology())
+        node.settle_work(work, done=done, kept_stale=kept)
+        if not done:
+            return False
+        detail = "flushed (fence log overflowed)" if work.flush else f"forgot {len(work.keys)} keys"
+        copies = sum(len(v) for v in work.stale.values()) - sum(len(v) for v in kept.values())
+        events.emit(Event("fenced", node.node_id, f"{detail}; removed {copies} copies"))
+    node.refresh_ready()
+    return True
+
+
+def _apply(node: Node, work: ForgetWork, topology: Topology) -> Flow[tuple[bool, dict[str, set[bytes]]]]:
+    if work.flush:
+        try:
+            reply = yield Call(node, flush_all(0), Expect.OK, "fence (flush_all)")
+        except NodeError:
+            return False, {}
+        if reply != b"OK":
+            logger.warning("shardcache: flushing %s before readmission failed: %r", node.node_id, reply)
+            return False, {}
+    elif work.keys:
+        payload = b"".join(delete(wire) for wire in sorted(work.keys))
+        expects = [(Expect.STATUS, False)] * len(work.keys)
+        results = yield Fanout({node.node_id: (node, (payload, expects))}, "fence (delete)")
+        if not _all_deleted(results.get(node.node_id)):
+            return False, {}
+    live: dict[str, tuple[Node, tuple[bytes, list[tuple[int, bool]]]]] = {}
+    kept: dict[str, set[bytes]] = {}
+    for holder_id, wires in work.stale.items():
+        holder = topology.node(holder_id)
+        if holder is None:
+            continue  # no longer configured: its copies expire by their capped TTL
+        if holder.health.state != UP:
+            kept[holder_id] = wires  # down, but still configured: removed when it is back
+            continue
+        payload = b"".join(delete(wire) for wire in sorted(wires))
+        live[holder_id] = (holder, (payload, [(Expect.STATUS, False)] * len(wires)))
+    if live:
+        results = yield Fanout(live, "remove stand-in copies")
+        for holder_id, result in results.items():
+            if not _all_deleted(result):
+                logger.warning("shardcache: removing copies for %s on %s failed; they expire by TTL",
+                               node.node_id, holder_id)  # fmt: skip
+    return True, kept
+
+
+def _all_deleted(result: Any) -> bool:
+    return isinstance(result, list) and not any(isinstance(r, ErrorReply) for r in result)
+
+
+class Prober:
+    """The prober thread of one client; thread-safe."""
+
+    def __init__(self, topology: Callable[[], Topology], run: Callable[[Flow[bool]], bool], events: Events) -> None:
+        self._topology = topology
+        self._run = run
+        self._events = events
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Wake the prober, starting its thread if needed."""
+        self._wake.set()
+        with self._lock:
+            if self._closed.is_set() or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._thread = threading.Thread(target=self._loop, name="shardcache-prober", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            self._wake.clear()
+            waits: list[float] = []
+            busy = False
+            for node in list(self._topology().all_nodes()):
+                if self._closed.is_set():
+                    return
+                state = node.health.state
+                if state == DOWN:
+                    busy = True
+                    if node.health.begin_probe():
+                        self._run(probe_flow(node, self._topology, self._events))
+                    due = node.health.seconds_until_probe()
+                    if due is not None:
+                        waits.append(due)
+                elif state == UP and node.has_work():
+                    busy = True
+                    self._run(forget_flow(node, self._topology, self._events))
+            if not busy:
+                with self._lock:
+                    if not self._wake.is_set():
+                        self._thread = None
+                        return
+                continue
+            self._wake.wait(min([*waits, _IDLE_S]))
+
+    def close(self) -> None:
+        """Stop the thread (bounded wait); a later ``start`` runs it again."""
+        self._closed.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        with self._lock:
+            self._thread = None
+            self._closed.clear()
