@@ -5,7 +5,8 @@ The public API is what ``__all__`` lists; everything else is private.
 
 import logging
 
-from shardcache.client import CasToken, Client
+from shardcache._commands import CasToken
+from shardcache.client import Client
 from shardcache.errors import (
     ArgumentError,
     CasConflictError,
@@ -23,7 +24,7 @@ from shardcache.errors import (
     ValueTooLargeError,
 )
 from shardcache.health import Event
-from shardcache.membership import dns_discovery
+from shardcache.discovery import dns_discovery
 from shardcache.nodes import NodeSpec, parse_nodes
 from shardcache.recipes import Lock
 from shardcache.ring import Ring, RingDiff

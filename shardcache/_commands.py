@@ -12,7 +12,8 @@ ask what to do next.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
 
 from shardcache import _protocol as proto
 from shardcache._events import Events, report_failure
@@ -23,7 +24,7 @@ from shardcache._router import CallKind, Decision, Router
 from shardcache._topology import Node, Topology
 from shardcache._warmup import forget_previous, warm
 from shardcache.errors import (
-    ArgumentError,
+    CasConflictError,
     CommandError,
     NodeError,
     NodeUnavailableError,
@@ -35,7 +36,7 @@ from shardcache.errors import (
 )
 from shardcache.health import Event
 
-__all__ = ["UNAVAILABLE", "CasToken", "Core"]
+__all__ = ["UNAVAILABLE", "CasToken", "Core", "Engine"]
 
 UNAVAILABLE: Final = object()  # what pinned flows return when the key's node could not be reached
 _MISSING: Final = object()
@@ -147,6 +148,11 @@ class Core:
         if err is not None:
             raise err
 
+    def locate(self, topology: Topology, key: Any) -> tuple[bytes, bytes, Node]:
+        """Validate ``key``: (hashed, wire, its owner on ``topology``); no routing, no bookkeeping."""
+        hash_key, wire = self.keys.wire(key)
+        return hash_key, wire, topology.nodes[topology.ring.node_for(hash_key)]
+
     def route(self, topology: Topology, key: Any, kind: CallKind) -> tuple[bytes, bytes, Node, Decision | None]:
         """Validate ``key`` and route it: (hashed, wire, owner, decision or None if the owner is ready)."""
         hash_key, wire = self.keys.wire(key)
@@ -154,6 +160,13 @@ class Core:
         if owner.ready:
             return hash_key, wire, owner, None
         return hash_key, wire, owner, self.router.route(topology, owner, hash_key, wire, kind)
+
+
+class Engine(NamedTuple):
+    """A client's flows and the executor that runs them: what recipes and integrations use."""
+
+    core: Core
+    run: Callable[[Flow[Any]], Any]
 
 
 def refusal(node: Node, reply: ErrorReply, what: str, key: Any) -> ShardcacheError:
@@ -182,7 +195,7 @@ def get(core: Core, key: Any, default: Any) -> Flow[Any]:
             return default
         target = decision.target
     try:
-        reply = yield Call(target, b"get " + wire + b"\r\n", Expect.VALUES, "get", key, wire)
+        reply = yield Call(target, proto.retrieve([wire]), Expect.VALUES, "get", key, wanted=wire)
     except NodeError as err:
         core.failed(target, err, _READ, None)
         return default
@@ -219,7 +232,7 @@ def _gets_once(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
             return UNAVAILABLE
         target = decision.target
     try:
-        reply = yield Call(target, b"gets " + wire + b"\r\n", Expect.VALUES, "gets", key, wire)
+        reply = yield Call(target, proto.retrieve([wire], cas=True), Expect.VALUES, "gets", key, wanted=wire)
     except NodeError as err:
         core.failed(target, err, kind, None)
         return UNAVAILABLE
@@ -246,11 +259,10 @@ def store(
     ``UNAVAILABLE`` if the key's node could not be reached."""
     if noreply is None:
         noreply = core.noreply
-    hash_key, wire = core.keys.wire(key)
+    topology = core.topology
+    hash_key, wire, owner = core.locate(topology, key)
     data, flags = core.encode(wire, value, flags)
     payload = proto.store(command, wire, data, flags, expire, noreply=bool(noreply), cas=_cas_number(cas))
-    topology = core.topology
-    owner = topology.nodes[topology.ring.node_for(hash_key)]
     if kind.forget_before and topology.previous is not None:  # the previous owner's copy goes first
         yield from forget_previous(core, topology, [(hash_key, wire, owner)])
     target = owner
@@ -297,7 +309,7 @@ def delete(core: Core, key: Any, noreply: bool | None) -> Flow[bool]:
     if noreply is None:
         noreply = core.noreply
     topology = core.topology
-    hash_key, wire, owner, _ = core.route(topology, key, _PINNED_READ)  # validate and find the owner
+    hash_key, wire, owner = core.locate(topology, key)
     if topology.previous is not None:
         yield from forget_previous(core, topology, [(hash_key, wire, owner)])
     target = owner
@@ -318,7 +330,7 @@ def delete(core: Core, key: Any, noreply: bool | None) -> Flow[bool]:
     if type(reply) is ErrorReply:
         core.refused(target, reply, "delete", key, _REPLACE)
         return False
-    return reply == b"DELETED"
+    return bool(reply == b"DELETED")
 
 
 def touch(core: Core, key: Any, expire: int, noreply: bool | None) -> Flow[bool]:
@@ -363,9 +375,11 @@ def counter(
     """incr/decr: the new value; None if absent (or unreachable with ``on_error="miss"``).
 
     With ``initial`` an absent counter is created at ``initial`` and ``initial`` is returned (the
-    delta is not applied: memcached's and libmemcached's convention). Outside a warm-up window this
-    is one ``ma`` round trip; during one, the counter may still be on its previous owner, so it is
-    brought over first.
+    delta is not applied: memcached's and libmemcached's convention), with ``add`` so concurrent
+    creators never overwrite each other. During a warm-up window the counter may still be on its
+    previous owner, so it is brought over first. (Meta arithmetic could create it in the same
+    round trip, but memcached 1.6 gives a vivified item client flags 0, so ``get`` would return
+    the counter as bytes instead of an int.)
     """
     name = "decr" if decr else "incr"
     delta = proto.check_delta(delta)
@@ -374,14 +388,8 @@ def counter(
         expire = proto.check_expire(expire)
     hash_key, wire = core.keys.wire(key)
     if noreply:
-        result = yield from _pinned(core, key, proto.incr_decr(wire, delta, decr=decr, noreply=True), None, name)
+        yield from _pinned(core, key, proto.incr_decr(wire, delta, decr=decr, noreply=True), None, name)
         return None
-    if initial is not None and core.topology.previous is None:
-        payload = proto.meta_arithmetic(wire, delta, decr=decr, initial=initial, vivify_ttl=expire)
-        reply = yield from _pinned(core, key, payload, Expect.META, name)
-        if reply is UNAVAILABLE:
-            return None
-        return _counter_value(reply, core, key, name)
     for _ in range(_CREATE_ATTEMPTS):
         reply = yield from _pinned(core, key, proto.incr_decr(wire, delta, decr=decr), Expect.NUMBER, name)
         if reply is UNAVAILABLE:
@@ -398,7 +406,9 @@ def counter(
             return None
         if created:
             return int(initial)
-    raise ShardcacheError(f"{name}({key!r}, initial={initial}): the counter kept appearing and disappearing")
+    raise CasConflictError(
+        f"{name}({key!r}, initial={initial}): the counter kept appearing and disappearing", key, _CREATE_ATTEMPTS
+    )
 
 
 _FLAG_INTEGER: Final = 2  # pymemcache's flag for int values, so get() returns an int
@@ -425,16 +435,6 @@ def _pinned(core: Core, key: Any, payload: bytes, kind: int | None, what: str) -
     return reply
 
 
-def _counter_value(reply: Any, core: Core, key: Any, what: str) -> int | None:
-    if reply == b"NOT_FOUND" or (type(reply) is proto.Meta and reply.status in (b"NF", b"EN")):
-        return None
-    if type(reply) is int:
-        return reply
-    if type(reply) is proto.Meta and reply.status == b"VA" and reply.data is not None and reply.data.isdigit():
-        return int(reply.data)
-    raise ProtocolError(f"unexpected reply to {what} of {key!r}: {reply!r}")
-
-
 def compare_delete(core: Core, key: Any, expected: Any) -> Flow[bool]:
     """Delete ``key`` only if it still holds ``expected`` (meta delete with the CAS value read
     first), so a value replaced between the read and the delete is left alone. True if deleted."""
@@ -457,11 +457,3 @@ def compare_delete(core: Core, key: Any, expected: Any) -> Flow[bool]:
         core.refused(owner, reply, "delete (compare)", key, _PINNED)
         return False
     return bool(reply.status == b"HD")
-
-
-def check_initial(initial: object) -> None:
-    if initial is not None:
-        try:
-            proto.check_delta(initial, "initial")
-        except ArgumentError:
-            raise ArgumentError(f"initial must be an int in 0..2**64-1, got {initial!r}") from None

@@ -23,6 +23,7 @@ import ssl
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from shardcache._protocol import NEED_DATA, ReplyParser
@@ -252,9 +253,13 @@ def _keepalive(sock: Any, options: Any) -> None:
 class NodePool:
     """Idle connections to one node; thread-safe. Connections are made on demand."""
 
-    __slots__ = ("__weakref__", "_idle", "_idle_timeout", "_max_idle", "_settings", "node_id", "spec")
+    __slots__ = ("__weakref__", "_idle", "_idle_timeout", "_max_idle", "_on_connect", "_settings", "node_id", "spec")
 
-    def __init__(self, spec: NodeSpec, settings: ConnectionSettings, *, max_idle: int | None, idle_timeout: float) -> None:
+    def __init__(
+        self, spec: NodeSpec, settings: ConnectionSettings, *, max_idle: int | None, idle_timeout: float,
+        on_connect: Callable[[Connection], None] | None = None,
+    ) -> None:  # fmt: skip
+        self._on_connect = on_connect  # called once, with the first connection made
         self.spec = spec
         self.node_id = spec.node_id
         self._settings = settings
@@ -270,7 +275,11 @@ class NodePool:
             try:
                 conn, since = idle.pop()
             except IndexError:
-                return connect(self.spec, self._settings, deadline)
+                conn = connect(self.spec, self._settings, deadline)
+                if self._on_connect is not None:
+                    on_connect, self._on_connect = self._on_connect, None
+                    on_connect(conn)
+                return conn
             if self._idle_timeout and _monotonic() - since > self._idle_timeout:
                 conn.close()
                 continue

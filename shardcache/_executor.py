@@ -63,7 +63,8 @@ class Executor:
                     elif kind is Fanout:
                         result = self.fanout(request.jobs, deadline, request.what, request.key)  # type: ignore[union-attr]
                     elif kind is Quiet:
-                        result = self.call_quiet(request.node, request.payload, deadline, request.what, request.key)  # type: ignore[union-attr]
+                        self.call_quiet(request.node, request.payload, deadline, request.what, request.key)  # type: ignore[union-attr]
+                        result = None
                     elif kind is Each:
                         result = self.each(request.nodes, request.payload, request.kind, deadline, request.what)  # type: ignore[union-attr]
                     elif kind is Probe:
@@ -160,10 +161,10 @@ class Executor:
 
     def pipeline(self, node: Node, job: Job, deadline: float | None, what: str, key: Any = None) -> list[Any]:
         """Send several requests to one node at once; their replies, in order."""
-        return self._expect_result(node, self.fanout({node.node_id: (node, job)}, deadline, what, key))
+        return self._only_result(node, self.fanout({node.node_id: (node, job)}, deadline, what, key))
 
     @staticmethod
-    def _unused_expect_result(node: Node, results: Mapping[str, list[Any] | NodeError]) -> list[Any]:
+    def _only_result(node: Node, results: Mapping[str, list[Any] | NodeError]) -> list[Any]:
         result = results[node.node_id]
         if isinstance(result, NodeError):
             raise result

@@ -98,8 +98,9 @@ class Options:
         health = {name: kwargs.pop(name) for name in _HEALTH if name in kwargs}
         if health:
             retry = health.get("retry_interval_s", 1.0)
-            if "max_retry_interval_s" not in health and isinstance(retry, int | float) and retry > 30.0:
-                health["max_retry_interval_s"] = retry
+            longest = health.get("max_retry_interval_s", 30.0)
+            if isinstance(retry, int | float) and isinstance(longest, int | float) and retry > longest:
+                health["max_retry_interval_s"] = retry  # backoff never waits less than the first wait
             kwargs["health"] = HealthPolicy(**health)
         if "gutter_servers" in kwargs:
             kwargs["gutter_servers"] = _gutter(kwargs["gutter_servers"])
@@ -118,7 +119,7 @@ class Options:
         _seconds("pool_idle_timeout", self.pool_idle_timeout)
         _seconds("discovery_interval_s", self.discovery_interval_s, positive=True)
         _seconds("discovery_warmup_s", self.discovery_warmup_s)
-        _integer("max_pool_size", self.max_pool_size, minimum=0, allow_none=True)
+        _integer("max_pool_size", self.max_pool_size, minimum=1, allow_none=True)
         _integer("max_item_size", self.max_item_size, minimum=1024, maximum=1024**3)
         _integer("failover_ttl_s", self.failover_ttl_s, minimum=1, maximum=30 * 24 * 3600)
         _integer("fence_max_keys", self.fence_max_keys, minimum=0)

@@ -1,57 +1,57 @@
-"""Warm-up and drain windows: copying moved keys from their previous owners, race-free.
+"""Warm-up and drain windows, as flows: copying moved keys from their previous owners, race-free.
 
 After a membership change, a key that moved has its value on its previous owner. During the window
 a miss on the new owner is served by copying:
 
-1. ``mg key v f t c`` on the previous owner: value, client flags, remaining TTL, CAS value;
+1. ``mg key v f t c k`` on the previous owner: value, client flags, remaining TTL, CAS value;
 2. ``ms key ... ME c`` (meta set in *add* mode) on the new owner, returning the copy's CAS value;
    it stores nothing if the key already exists there (a writer got there first);
-3. ``mg key c`` on the previous owner again: if the key is gone or its CAS changed, a writer
+3. ``mg key c k`` on the previous owner again: if the key is gone or its CAS changed, a writer
    deleted or replaced it meanwhile, so the copy is withdrawn with ``md key C<copy's cas>``, which
    deletes it only if no one has written over it since.
 
-Writers do the mirror: during the window, ``set``/``delete`` of a moved key first delete it on its
-previous owner, then write the new one. Together these leave no interleaving in which the copy
-outlives a write that happened after the value was read.
+Writers do the mirror (``forget_previous``): during the window, ``set``/``delete`` of a moved key
+first delete it on its previous owner, then write the new one; conditional writes do it after they
+take effect. Together these leave no interleaving in which the copy outlives a write that happened
+after the value was read. Each step is one :class:`~shardcache._flows.Fanout`: every node involved
+at once, one round trip per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
-from pymemcache.exceptions import MemcacheUnknownError
+from shardcache import _protocol as proto
+from shardcache._flows import Fanout, Flow, Job
+from shardcache._protocol import Expect, Meta
+from shardcache._topology import Node, Topology
+from shardcache.errors import NodeError
+from shardcache.health import UP
 
-from shardcache._pool import NodePool
-from shardcache._wire import Reader, delete_commands, exchange, raise_for_error, read_delete_replies
-from shardcache.membership import Membership, Node, Topology
+if TYPE_CHECKING:
+    from shardcache._commands import Core
 
-__all__ = ["forget_previous", "warm"]
+__all__ = ["Moved", "forget_previous", "warm"]
 
-Deserialize = Callable[[bytes, bytes, int], Any]
+Moved = tuple[bytes, bytes, Node]  # (hashed key, wire key, its owner now)
+
+_ATTEMPTS: Final = 3
+_META: Final = (Expect.META, False)
 
 
-_ATTEMPTS = 3
-
-
-def warm(
-    membership: Membership,
-    deserialize: Deserialize,
-    topology: Topology,
-    misses: Sequence[tuple[bytes, bytes, Node]],
-    now: float,
-) -> dict[bytes, Any]:
+def warm(core: Core, topology: Topology, misses: Sequence[Moved]) -> Flow[dict[bytes, Any]]:
     """Copy missed keys from their previous owners to their owners; ``{wire: value}`` of those found.
 
-    ``misses`` holds ``(hash_key, wire, owner)``. Only keys that moved in the last membership
-    change, whose previous owner and owner are both ready, are looked up. A copy withdrawn because
-    its source was *replaced* meanwhile (not deleted) is tried again, a few times: the key exists,
-    and reporting a miss would let a counter restart from its initial value.
+    Only keys that moved in the last membership change, whose previous owner and owner are both
+    ready, are looked up. A copy withdrawn because its source was *replaced* meanwhile (not
+    deleted) is tried again, a few times: the key exists, and reporting a miss would let a counter
+    restart from its initial value.
     """
     found: dict[bytes, Any] = {}
     pending = list(misses)
     for _ in range(_ATTEMPTS):
-        copied, changed = _warm_once(membership, deserialize, topology, pending, now)
+        copied, changed = yield from _warm_once(core, topology, pending)
         found.update(copied)
         if not changed:
             break
@@ -59,180 +59,133 @@ def warm(
     return found
 
 
-def _warm_once(
-    membership: Membership,
-    deserialize: Deserialize,
-    topology: Topology,
-    misses: Sequence[tuple[bytes, bytes, Node]],
-    now: float,
-) -> tuple[dict[bytes, Any], set[bytes]]:
-    """One pass of ``warm``: the values copied, and the keys whose source changed under the copy."""
+def _warm_once(core: Core, topology: Topology, misses: Sequence[Moved]) -> Flow[tuple[dict[bytes, Any], set[bytes]]]:
+    now = core.options.clock()
     sources: dict[str, list[bytes]] = {}
-    olds: dict[str, Node] = {}
+    nodes: dict[str, Node] = {}
     owner_of: dict[bytes, Node] = {}
-    old_of: dict[bytes, Node] = {}
     for hash_key, wire, owner in misses:
         old = topology.previous_owner(hash_key, owner, now)
         if old is None or not old.ready or not owner.ready:
             continue
         sources.setdefault(old.node_id, []).append(wire)
-        olds[old.node_id] = old
+        nodes[old.node_id] = old
+        nodes[owner.node_id] = owner
         owner_of[wire] = owner
-        old_of[wire] = old
     if not sources:
         return {}, set()
-    read = _run(membership, olds, sources, _read_request(b" v f t c k"), _read_meta, "warm-up read")
-    values: dict[bytes, tuple[bytes, int, int, bytes]] = {}
-    for reply in read:
-        values.update(reply)
-    copies: dict[str, list[tuple[bytes, bytes]]] = {}
-    for wire, (data, flags, ttl, _) in values.items():
-        command = b"ms %b %d ME F%d T%d c\r\n%b\r\n" % (wire, len(data), flags, ttl, data)
-        copies.setdefault(owner_of[wire].node_id, []).append((wire, command))
-    owners = {owner.node_id: owner for owner in owner_of.values()}
-    stored: dict[bytes, bytes] = {}
-    for reply in _run(membership, owners, copies, _commands, _read_meta_stored, "warm-up copy"):
-        stored.update(reply)
+    read = b"".join
+    replies = yield from _fanout(nodes, {
+        node_id: read(proto.meta_get(w, cas=True, flags=True, ttl=True, key=True) for w in wires)
+        for node_id, wires in sources.items()
+    }, {node_id: len(wires) for node_id, wires in sources.items()}, "warm-up read")  # fmt: skip
+    values = {_key(r): r for r in replies if r.status == b"VA" and _key(r) in owner_of}
+    copies: dict[str, list[bytes]] = {}
+    for wire, reply in values.items():
+        ttl = _number(reply, b"t")
+        payload = proto.meta_set(
+            wire, reply.data or b"", flags=_number(reply, b"f"), ttl=0 if ttl < 0 else max(ttl, 1),
+            mode="add", return_cas=True,
+        )  # fmt: skip
+        copies.setdefault(owner_of[wire].node_id, []).append(payload)
+    stored: dict[bytes, int] = {}
+    order = {node_id: [w for w in values if owner_of[w].node_id == node_id] for node_id in copies}
+    results = yield from _fanout_by_node(nodes, {n: b"".join(p) for n, p in copies.items()},
+                                         {n: len(p) for n, p in copies.items()}, "warm-up copy")  # fmt: skip
+    for node_id, node_replies in results.items():
+        for wire, reply in zip(order[node_id], node_replies, strict=True):
+            if reply.status == b"HD":
+                stored[wire] = _number(reply, b"c")
     # Re-read the previous owners: a writer may have deleted or replaced the value meanwhile.
     recheck = {node_id: [w for w in wires if w in stored] for node_id, wires in sources.items()}
-    current: dict[bytes, tuple[bytes, int, int, bytes]] = {}
-    for reply in _run(membership, olds, recheck, _read_request(b" c k"), _read_meta, "warm-up recheck"):
-        current.update(reply)
-    withdraw: dict[str, list[tuple[bytes, bytes]]] = {}
+    recheck = {node_id: wires for node_id, wires in recheck.items() if wires}
+    current: dict[bytes, Meta] = {}
+    if recheck:
+        replies = yield from _fanout(nodes, {
+            node_id: read(proto.meta_get(w, value=False, cas=True, key=True) for w in wires)
+            for node_id, wires in recheck.items()
+        }, {node_id: len(wires) for node_id, wires in recheck.items()}, "warm-up recheck")  # fmt: skip
+        current = {_key(r): r for r in replies if r.status in (b"HD", b"VA")}
+    withdraw: dict[str, list[bytes]] = {}
     found: dict[bytes, Any] = {}
     changed: set[bytes] = set()
     for wire, cas in stored.items():
         now_there = current.get(wire)
-        if now_there is None or now_there[3] != values[wire][3]:
-            withdraw.setdefault(owner_of[wire].node_id, []).append((wire, b"md %b C%b\r\n" % (wire, cas)))
+        if now_there is None or now_there.flags.get(b"c") != values[wire].flags.get(b"c"):
+            withdraw.setdefault(owner_of[wire].node_id, []).append(proto.meta_delete(wire, cas=cas))
             if now_there is not None:
                 changed.add(wire)  # replaced, not deleted: copy the new value
             continue
-        data, flags, _, _ = values[wire]
         try:
-            found[wire] = deserialize(wire, data, flags)
-        except Exception:
-            continue  # unreadable: a miss, as it would be on its own node
+            found[wire] = core.serde.deserialize(wire, values[wire].data or b"", _number(values[wire], b"f"))
+        except Exception:  # noqa: BLE001 - unreadable: a miss, as it would be on its own node
+            continue
     if withdraw:
-        _run(membership, owners, withdraw, _commands, _read_meta_deleted, "warm-up withdraw")
+        yield from _fanout_by_node(nodes, {n: b"".join(p) for n, p in withdraw.items()},
+                                   {n: len(p) for n, p in withdraw.items()}, "warm-up withdraw")  # fmt: skip
     return found, changed
 
 
-def forget_previous(
-    membership: Membership, topology: Topology, moved: Iterable[tuple[bytes, bytes, Node]], now: float
-) -> None:
+def forget_previous(core: Core, topology: Topology, moved: Iterable[Moved]) -> Flow[None]:
     """Delete moved keys on their previous owners (writers call it during a window), so that a later
-    warm-up cannot bring back a value the write replaced."""
+    warm-up cannot bring back a value the write replaced. A previous owner that cannot be reached
+    is fenced for those keys: it deletes them before it serves them again."""
+    now = core.options.clock()
     groups: dict[str, list[bytes]] = {}
-    olds: dict[str, Node] = {}
+    nodes: dict[str, Node] = {}
     for hash_key, wire, owner in moved:
         old = topology.previous_owner(hash_key, owner, now)
-        if old is not None and old.health.state == "up":
+        if old is not None and old.health.state == UP:
             groups.setdefault(old.node_id, []).append(wire)
-            olds[old.node_id] = old
-    if groups:
-        _run(
-            membership, olds, groups, delete_commands, read_delete_replies, "delete on previous owner",
-            fence=True,
-        )  # fmt: skip
-
-
-def _run(
-    membership: Membership,
-    nodes: Mapping[str, Node],
-    groups: Mapping[str, Sequence[Any]],
-    encode: Callable[[Sequence[Any]], bytes],
-    decode: Callable[[Reader, Sequence[Any]], Any],
-    what: str,
-    *,
-    fence: bool = False,
-) -> list[Any]:
-    """Pipeline ``groups`` to ``nodes``; report failures (with ``fence``, the keys a failed node
-    was meant to forget are fenced on it, so no warm-up reads them there)."""
-    pools: dict[str, NodePool] = {node_id: nodes[node_id].pool for node_id in groups}
-    results, errors = exchange(pools, groups, encode, decode, _size)
-    for node_id, exc in errors.items():
-        membership.failed(nodes[node_id], exc, what, None, None)
-        if fence:
+            nodes[old.node_id] = old
+    if not groups:
+        return
+    jobs: dict[str, tuple[Node, Job]] = {
+        node_id: (nodes[node_id], (b"".join(proto.delete(w) for w in wires), [(Expect.STATUS, False)] * len(wires)))
+        for node_id, wires in groups.items()
+    }
+    results = yield Fanout(jobs, "delete on previous owner")
+    for node_id, result in results.items():
+        if isinstance(result, NodeError) or any(type(r) is proto.ErrorReply for r in result):
             for wire in groups[node_id]:
-                nodes[node_id].fence.add(wire)
+                nodes[node_id].fence(wire)
+
+
+def _fanout(
+    nodes: dict[str, Node], payloads: dict[str, bytes], counts: dict[str, int], what: str
+) -> Flow[list[Meta]]:
+    """Meta requests to several nodes at once: every node's well-formed replies, in one list."""
+    results = yield from _fanout_by_node(nodes, payloads, counts, what)
     return [reply for replies in results.values() for reply in replies]
 
 
-def _size(item: Any) -> int:
-    return len(item[1]) if isinstance(item, tuple) else len(item) + 16
-
-
-def _read_request(flags: bytes) -> Callable[[Sequence[bytes]], bytes]:
-    def encode(wires: Sequence[bytes]) -> bytes:
-        return b"".join(b"mg " + wire + flags + b"\r\n" for wire in wires)
-
-    return encode
-
-
-def _commands(chunk: Sequence[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(command for _, command in chunk)
-
-
-def _is_miss(line: bytes) -> bool:
-    return line[:2] == b"EN" and (len(line) == 2 or line[2:3] == b" ")  # flags may follow EN
-
-
-def _fields(parts: Sequence[bytes]) -> dict[bytes, bytes]:
-    return {part[:1]: part[1:] for part in parts}
-
-
-def _read_meta(reader: Reader, wires: Sequence[bytes]) -> dict[bytes, tuple[bytes, int, int, bytes]]:
-    """Replies to ``mg``: ``{wire: (data, client flags, ttl for a copy, cas)}``; misses left out."""
-    found: dict[bytes, tuple[bytes, int, int, bytes]] = {}
-    for _ in wires:
-        line = reader.line()
-        if _is_miss(line):
+def _fanout_by_node(
+    nodes: dict[str, Node], payloads: dict[str, bytes], counts: dict[str, int], what: str
+) -> Flow[dict[str, list[Meta]]]:
+    """``{node_id: replies}`` for the nodes that answered without an error; a node that failed (the
+    executor has reported it) or refused (an error reply) gives nothing: warm-up is best-effort."""
+    jobs: dict[str, tuple[Node, Job]] = {
+        node_id: (nodes[node_id], (payload, [_META] * counts[node_id])) for node_id, payload in payloads.items()
+    }
+    results = yield Fanout(jobs, what)
+    answered: dict[str, list[Meta]] = {}
+    for node_id, result in results.items():
+        if isinstance(result, NodeError) or any(type(r) is not Meta for r in result):
             continue
-        parts = line.split()
-        if parts and parts[0] == b"VA" and len(parts) > 1 and parts[1].isdigit():
-            fields = _fields(parts[2:])
-            data = reader.value(int(parts[1]))
-        elif parts and parts[0] == b"HD":
-            fields = _fields(parts[1:])
-            data = b""
-        else:
-            raise_for_error(line)
-        try:
-            ttl = int(fields.get(b"t", b"-1"))
-            found[fields[b"k"]] = (
-                data,
-                int(fields.get(b"f", b"0")),
-                0 if ttl < 0 else max(ttl, 1),
-                fields[b"c"],
-            )
-        except (KeyError, ValueError):
-            raise MemcacheUnknownError(line[:32]) from None
-    return found
+        answered[node_id] = result
+    return answered
 
 
-def _read_meta_stored(reader: Reader, chunk: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
-    """Replies to ``ms ... ME c``: ``{wire: cas}`` of the copies stored (NS: already there)."""
-    stored: dict[bytes, bytes] = {}
-    for wire, _ in chunk:
-        line = reader.line()
-        if line.startswith(b"HD"):
-            cas = _fields(line.split()[1:]).get(b"c")
-            if cas is None:
-                raise MemcacheUnknownError(line[:32])
-            stored[wire] = cas
-        elif not line.startswith(b"NS"):
-            raise_for_error(line)
-    return stored
+def _key(reply: Meta) -> bytes:
+    return reply.flags.get(b"k", b"")
 
 
-def _read_meta_deleted(reader: Reader, chunk: Sequence[tuple[bytes, bytes]]) -> int:
-    """Replies to ``md ... C<cas>``: how many copies were withdrawn (EX: overwritten, kept)."""
-    withdrawn = 0
-    for _ in chunk:
-        line = reader.line()
-        if line.startswith(b"HD"):
-            withdrawn += 1
-        elif not line.startswith((b"EX", b"NF")):
-            raise_for_error(line)
-    return withdrawn
+def _number(reply: Meta, flag: bytes) -> int:
+    """A numeric meta flag of ``reply`` (missing: -1 for TTL, 0 otherwise)."""
+    raw = reply.flags.get(flag)
+    if raw is None:
+        return -1 if flag == b"t" else 0
+    try:
+        return int(raw)
+    except ValueError:
+        return -1 if flag == b"t" else 0

@@ -1,0 +1,305 @@
+"""Multi-key and cluster-wide commands, as flows: one :class:`~shardcache._flows.Fanout` each.
+
+A multi-key call validates every key (and serializes every value) before anything is sent, routes
+them with ``Router.plan`` (grouped by target node), and sends every node its share at once: about
+one round trip however many nodes it touches. Each node's failure is reported by the executor;
+here the failures become a raise (the first one) or misses (``on_error="miss"``), and a write that
+may not have reached its node fences its keys there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from pymemcache.client.base import STAT_TYPES
+
+from shardcache import _protocol as proto
+from shardcache._commands import _MISSING, CasToken, Core, refusal
+from shardcache._events import report_failure
+from shardcache._flows import Each, Fanout, Flow, Job
+from shardcache._protocol import ErrorReply, Expect
+from shardcache._router import CallKind
+from shardcache._topology import Node
+from shardcache._warmup import forget_previous, warm
+from shardcache.errors import (
+    ArgumentError,
+    NodeError,
+    NodeUnavailableError,
+    ProtocolError,
+    ShardcacheError,
+    ValueTooLargeError,
+)
+from shardcache.health import UP
+
+__all__ = ["cache_memlimit", "delete_many", "fetch", "flush_all", "set_many", "stats", "version"]
+
+Hashed = list[tuple[Any, bytes, bytes]]  # (key as given, hashed key, wire key)
+
+_KEYS_PER_GET: Final = 100  # keys per get command: short lines, and a value for a key not asked is caught
+
+
+def hashed_keys(core: Core, keys: Any, what: str) -> Hashed:
+    """Validate ``keys`` (an iterable of keys, not a single key) before anything is sent."""
+    if isinstance(keys, str | bytes | bytearray | memoryview) or not isinstance(keys, Iterable):
+        raise ArgumentError(f"{what} takes an iterable of keys, got {type(keys).__name__}: {keys!r:.80}")
+    wire_of = core.keys.wire
+    out: Hashed = []
+    for key in keys:
+        if isinstance(key, bytearray | memoryview):
+            key = bytes(key)  # a result dict needs a hashable key
+        out.append((key, *wire_of(key)))
+    return out
+
+
+def _owners(core: Core, hashed: Hashed) -> list[tuple[bytes, bytes, Node]]:
+    topology = core.topology
+    return [(hash_key, wire, topology.owner(hash_key)) for _, hash_key, wire in hashed]
+
+
+def _settle(
+    core: Core, results: Mapping[str, Any], down: Mapping[str, NodeUnavailableError], *, reading: bool
+) -> None:
+    """Raise the first node failure of a multi-key call, unless it becomes a miss."""
+    for result in results.values():
+        if isinstance(result, NodeError) and not core.swallowed(result, reading=reading):
+            raise result
+    if down and not core.miss_on_error:
+        raise next(iter(down.values()))
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
+    """get_many / gets_many: ``{key: value}`` or ``{key: (value, CasToken)}`` of the keys found."""
+    what = "gets_many" if with_cas else "get_many"
+    hashed = hashed_keys(core, keys, what)
+    if not hashed:
+        return {}
+    topology = core.topology
+    plan = core.router.plan(topology, hashed, CallKind.READ, what)
+    jobs: dict[str, tuple[Node, Job]] = {}
+    for node_id, group in plan.groups.items():
+        wires = list(group)
+        chunks = [wires[i : i + _KEYS_PER_GET] for i in range(0, len(wires), _KEYS_PER_GET)]
+        payload = b"".join(proto.retrieve(chunk, cas=with_cas) for chunk in chunks)
+        jobs[node_id] = (plan.targets[node_id], (payload, [(Expect.VALUES, False, frozenset(c)) for c in chunks]))
+    results = (yield Fanout(jobs, what)) if jobs else {}
+    found: dict[Any, Any] = {}
+    for node_id, result in results.items():
+        if isinstance(result, NodeError):
+            continue
+        node, group = plan.targets[node_id], plan.groups[node_id]
+        for reply in result:
+            if type(reply) is ErrorReply:
+                core.refused(node, reply, what, None, CallKind.READ)
+                continue
+            for item in reply:
+                key = group[item.key]
+                value = core.decode(node, key, item)
+                if value is _MISSING:
+                    continue
+                found[key] = (value, CasToken(b"%d" % item.cas, node_id)) if with_cas else value
+    _settle(core, results, plan.down, reading=True)
+    if topology.previous is not None and not with_cas and len(found) < len(hashed):
+        missed = [(key, h, w) for key, h, w in hashed if key not in found]
+        warmed = yield from warm(core, topology, _owners(core, missed))
+        for key, _, wire in missed:
+            if wire in warmed:
+                found[key] = warmed[wire]
+    return found
+
+
+# -- writes ---------------------------------------------------------------------------------------
+
+
+def _items(values: Any) -> list[tuple[Any, Any]]:
+    if isinstance(values, Mapping):
+        return list(values.items())
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise ArgumentError(f"set_many takes a mapping or (key, value) pairs, got {type(values).__name__}")
+    items = []
+    for pair in values:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ArgumentError(f"set_many: expected a (key, value) pair, got {pair!r:.80}")
+        items.append((pair[0], pair[1]))
+    return items
+
+
+def set_many(core: Core, values: Any, expire: int, noreply: bool | None, flags: int | None) -> Flow[list[Any]]:
+    """Store every item; the keys that were not stored. Everything is checked and serialized first."""
+    items = _items(values)
+    if noreply is None:
+        noreply = core.noreply
+    expire = proto.check_expire(expire)
+    capped = core.router.capped_ttl(expire)
+    hashed = hashed_keys(core, (key for key, _ in items), "set_many")
+    encoded: dict[bytes, tuple[bytes, int]] = {}
+    for (_, _, wire), (_, value) in zip(hashed, items, strict=True):
+        encoded[wire] = core.encode(wire, value, flags)
+    topology = core.topology
+    if topology.previous is not None:  # during a window the previous owners' copies go first
+        yield from forget_previous(core, topology, _owners(core, hashed))
+    kind = CallKind.REPLACING_WRITE
+    plan = core.router.plan(topology, hashed, kind, "set_many")
+    jobs: dict[str, tuple[Node, Job]] = {}
+    for node_id, group in plan.groups.items():
+        payload = b"".join(
+            proto.store(b"set", w, *encoded[w], capped if w in plan.moved else expire, noreply=noreply) for w in group
+        )
+        jobs[node_id] = (plan.targets[node_id], (payload, [] if noreply else [(Expect.STATUS, True)] * len(group)))
+    results = (yield Fanout(jobs, "set_many")) if jobs else {}
+    stored: set[bytes] = set()
+    too_large: list[tuple[Any, ValueTooLargeError]] = []
+    for node_id, result in results.items():
+        node, group = plan.targets[node_id], plan.groups[node_id]
+        if isinstance(result, NodeError):
+            if isinstance(result, NodeUnavailableError | ProtocolError):
+                for wire in group:
+                    node.fence(wire)  # it may or may not have been written
+            continue
+        if noreply:
+            stored.update(group)
+            continue
+        for (wire, key), reply in zip(group.items(), result, strict=True):
+            if reply == b"STORED":
+                stored.add(wire)
+            elif type(reply) is ErrorReply:
+                err = refusal(node, reply, "set_many", key)
+                if isinstance(err, ValueTooLargeError):
+                    too_large.append((key, err))  # the caller's data, not a node failure
+                    continue
+                report_failure(core.events, node, err, "", key)
+                if not core.swallowed(err, reading=False):
+                    raise err
+    failed = [key for key, _, wire in hashed if wire not in stored]
+    _settle(core, results, plan.down, reading=False)
+    if too_large:  # raised after the others are stored, naming the first key and every failure
+        key, err = too_large[0]
+        others = [k for k, _ in too_large[1:]]
+        more = f" (and {len(others)} more: {others!r:.200})" if others else ""
+        raise ValueTooLargeError(f"{err}{more}", key, err.node_id, failed)
+    return failed
+
+
+def delete_many(core: Core, keys: Any, noreply: bool | None) -> Flow[bool]:
+    """Delete every key; True (as pymemcache) unless a node failed or was down. Keys whose node is
+    down or failed are fenced, as with ``delete``."""
+    if noreply is None:
+        noreply = core.noreply
+    hashed = hashed_keys(core, keys, "delete_many")
+    topology = core.topology
+    if topology.previous is not None:
+        yield from forget_previous(core, topology, _owners(core, hashed))
+    kind = CallKind.REPLACING_WRITE
+    plan = core.router.plan(topology, hashed, kind, "delete_many")
+    jobs: dict[str, tuple[Node, Job]] = {}
+    for node_id, group in plan.groups.items():
+        payload = b"".join(proto.delete(w, noreply=noreply) for w in group)
+        jobs[node_id] = (plan.targets[node_id], (payload, [] if noreply else [(Expect.STATUS, False)] * len(group)))
+    results = (yield Fanout(jobs, "delete_many")) if jobs else {}
+    ok = not plan.down
+    for node_id, result in results.items():
+        node, group = plan.targets[node_id], plan.groups[node_id]
+        if isinstance(result, NodeError):
+            ok = False
+            if isinstance(result, NodeUnavailableError | ProtocolError):
+                for wire in group:
+                    node.fence(wire)
+            continue
+        for (wire, key), reply in zip(group.items(), result, strict=False):
+            if type(reply) is ErrorReply:
+                ok = False
+                core.refused(node, reply, "delete_many", key, kind)
+                node.fence(wire)
+    _settle(core, results, plan.down, reading=False)
+    return ok
+
+
+# -- every node -----------------------------------------------------------------------------------
+
+
+def _each(
+    core: Core, nodes: Sequence[Node], payload: bytes, kind: int, what: str, fallback: Any
+) -> Flow[tuple[dict[str, Any], ShardcacheError | None]]:
+    """``payload`` to every UP node in ``nodes`` at once: ``({node_id: reply or fallback}, the
+    first failure to raise)``; a node that is down counts as a failure. Failures become None
+    with ``on_error="miss"`` (still reported)."""
+    up = [node for node in nodes if node.health.state == UP]
+    results: dict[str, Any] = {node.node_id: fallback for node in nodes}
+    replies = (yield Each(up, payload, kind, what)) if up else {}
+    first: ShardcacheError | None = None
+    for node in up:
+        reply = replies[node.node_id]
+        if isinstance(reply, NodeError):
+            if not core.swallowed(reply, reading=False) and first is None:
+                first = reply
+        elif type(reply) is ErrorReply:
+            err = refusal(node, reply, what, None)
+            report_failure(core.events, node, err, "", None)
+            if not core.swallowed(err, reading=False) and first is None:
+                first = err
+        else:
+            results[node.node_id] = reply
+    if first is None and not core.miss_on_error:
+        for node in nodes:
+            if node.health.state != UP:
+                first = node.down_error(what, core.router.failover)
+                break
+    return results, first
+
+
+def _raised(outcome: tuple[dict[str, Any], ShardcacheError | None]) -> dict[str, Any]:
+    results, first = outcome
+    if first is not None:
+        raise first
+    return results
+
+
+def flush_all(core: Core, delay: int) -> Flow[dict[str, bool]]:
+    """Invalidate every item on every node (gutter nodes included): ``{node_id: ok}``. A node that
+    is down or fails is flushed when it returns (its reads miss until then). The reply is always
+    awaited: whether each node was flushed decides whether it must be fenced."""
+    payload = proto.flush_all(delay)
+    nodes = list(core.topology.all_nodes())
+    for node in nodes:
+        if node.health.state != UP:
+            node.fence_all()
+    replies, first = yield from _each(core, nodes, payload, Expect.OK, "flush_all", False)
+    results = {node_id: reply == b"OK" for node_id, reply in replies.items()}
+    for node in nodes:
+        if not results[node.node_id]:
+            node.fence_all()
+    if first is not None:
+        raise first
+    return results
+
+
+def stats(core: Core, args: Sequence[Any]) -> Flow[dict[str, dict[bytes, Any]]]:
+    """``stats [args]`` on every ring node, values converted as pymemcache converts them."""
+    payload = proto.stats(args)
+    outcome = yield from _each(core, list(core.topology.nodes.values()), payload, Expect.STATS, "stats", {})
+    return {node_id: _convert_stats(reply) for node_id, reply in _raised(outcome).items()}
+
+
+def _convert_stats(raw: dict[bytes, bytes]) -> dict[bytes, Any]:
+    out: dict[bytes, Any] = {}
+    for name, value in raw.items():
+        try:
+            out[name] = STAT_TYPES.get(name, int)(value)
+        except Exception:  # noqa: BLE001 - as pymemcache: a value that does not convert stays bytes
+            out[name] = value
+    return out
+
+
+def version(core: Core) -> Flow[dict[str, bytes]]:
+    nodes = list(core.topology.nodes.values())
+    return _raised((yield from _each(core, nodes, proto.version(), Expect.VERSION, "version", b"")))
+
+
+def cache_memlimit(core: Core, memlimit: int) -> Flow[dict[str, bool]]:
+    payload = proto.cache_memlimit(memlimit)
+    nodes = list(core.topology.nodes.values())
+    replies = _raised((yield from _each(core, nodes, payload, Expect.OK, "cache_memlimit", False)))
+    return {node_id: reply == b"OK" for node_id, reply in replies.items()}
