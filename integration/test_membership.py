@@ -551,7 +551,9 @@ def test_a_warm_up_copy_racing_a_delete_never_brings_the_value_back(
             reader = threading.Thread(target=lambda k=key, out=seen: out.append(client.get(k)))
             reader.start()
             time.sleep(0.05)
-            assert client.delete(key) in (True, False)
+            # True or False, depending on whether the reader's copy has landed yet; what matters is
+            # what follows: the deleted value never comes back
+            client.delete(key)
             reader.join(timeout=30)
             slow_old.set_latency(0)
             assert seen in (["old page"], [None])  # concurrent with the delete: either is fine

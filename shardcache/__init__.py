@@ -7,6 +7,7 @@ import logging
 
 from shardcache._commands import CasToken
 from shardcache.client import Client
+from shardcache.discovery import dns_discovery
 from shardcache.errors import (
     ArgumentError,
     CasConflictError,
@@ -24,7 +25,6 @@ from shardcache.errors import (
     ValueTooLargeError,
 )
 from shardcache.health import Event
-from shardcache.discovery import dns_discovery
 from shardcache.nodes import NodeSpec, parse_nodes
 from shardcache.recipes import Lock
 from shardcache.ring import Ring, RingDiff

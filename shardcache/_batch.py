@@ -45,9 +45,9 @@ def hashed_keys(core: Core, keys: Any, what: str) -> Hashed:
         raise ArgumentError(f"{what} takes an iterable of keys, got {type(keys).__name__}: {keys!r:.80}")
     wire_of = core.keys.wire
     out: Hashed = []
-    for key in keys:
-        if isinstance(key, bytearray | memoryview):
-            key = bytes(key)  # a result dict needs a hashable key
+    for given in keys:
+        # a result dict needs a hashable key
+        key = bytes(given) if isinstance(given, bytearray | memoryview) else given
         out.append((key, *wire_of(key)))
     return out
 
@@ -84,7 +84,10 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
         wires = list(group)
         chunks = [wires[i : i + _KEYS_PER_GET] for i in range(0, len(wires), _KEYS_PER_GET)]
         payload = b"".join(proto.retrieve(chunk, cas=with_cas) for chunk in chunks)
-        jobs[node_id] = (plan.targets[node_id], (payload, [(Expect.VALUES, False, frozenset(c)) for c in chunks]))
+        jobs[node_id] = (
+            plan.targets[node_id],
+            (payload, [(Expect.VALUES, False, frozenset(c)) for c in chunks]),
+        )
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}
     for node_id, result in results.items():
@@ -127,7 +130,9 @@ def _items(values: Any) -> list[tuple[Any, Any]]:
     return items
 
 
-def set_many(core: Core, values: Any, expire: int, noreply: bool | None, flags: int | None) -> Flow[list[Any]]:
+def set_many(
+    core: Core, values: Any, expire: int, noreply: bool | None, flags: int | None
+) -> Flow[list[Any]]:
     """Store every item; the keys that were not stored. Everything is checked and serialized first."""
     items = _items(values)
     if noreply is None:
@@ -146,9 +151,13 @@ def set_many(core: Core, values: Any, expire: int, noreply: bool | None, flags: 
     jobs: dict[str, tuple[Node, Job]] = {}
     for node_id, group in plan.groups.items():
         payload = b"".join(
-            proto.store(b"set", w, *encoded[w], capped if w in plan.moved else expire, noreply=noreply) for w in group
+            proto.store(b"set", w, *encoded[w], capped if w in plan.moved else expire, noreply=noreply)
+            for w in group
         )
-        jobs[node_id] = (plan.targets[node_id], (payload, [] if noreply else [(Expect.STATUS, True)] * len(group)))
+        jobs[node_id] = (
+            plan.targets[node_id],
+            (payload, [] if noreply else [(Expect.STATUS, True)] * len(group)),
+        )
     results = (yield Fanout(jobs, "set_many")) if jobs else {}
     stored: set[bytes] = set()
     too_large: list[tuple[Any, ValueTooLargeError]] = []
@@ -197,7 +206,10 @@ def delete_many(core: Core, keys: Any, noreply: bool | None) -> Flow[bool]:
     jobs: dict[str, tuple[Node, Job]] = {}
     for node_id, group in plan.groups.items():
         payload = b"".join(proto.delete(w, noreply=noreply) for w in group)
-        jobs[node_id] = (plan.targets[node_id], (payload, [] if noreply else [(Expect.STATUS, False)] * len(group)))
+        jobs[node_id] = (
+            plan.targets[node_id],
+            (payload, [] if noreply else [(Expect.STATUS, False)] * len(group)),
+        )
     results = (yield Fanout(jobs, "delete_many")) if jobs else {}
     ok = not plan.down
     for node_id, result in results.items():
@@ -288,7 +300,7 @@ def _convert_stats(raw: dict[bytes, bytes]) -> dict[bytes, Any]:
     for name, value in raw.items():
         try:
             out[name] = STAT_TYPES.get(name, int)(value)
-        except Exception:  # noqa: BLE001 - as pymemcache: a value that does not convert stays bytes
+        except Exception:
             out[name] = value
     return out
 

@@ -99,15 +99,18 @@ class Core:
             elif isinstance(data, str):
                 data = data.encode(self.options.encoding)
             else:
-                raise SerializationError(f"serde {self.serde!r} returned {type(data).__name__}, not bytes, for {wire!r}")
+                raise SerializationError(
+                    f"serde {self.serde!r} returned {type(data).__name__}, not bytes, for {wire!r}"
+                )
         return data, data_flags
 
     def decode(self, node: Node | None, key: Any, item: Any) -> Any:
         """The value of a reply item; ``_MISSING`` if it cannot be read and ``on_error="miss"``."""
         try:
             if type(item) is Oversized:
+                limit = self.options.max_item_size
                 raise ValueTooLargeError(
-                    f"the value of {key!r} is {item.size} bytes, over max_item_size={self.options.max_item_size}"
+                    f"the value of {key!r} is {item.size} bytes, over max_item_size={limit}"
                     " (raise it to match memcached's -I)", key, "" if node is None else node.node_id,
                 )  # fmt: skip
             return self.serde.deserialize(item.key, item.data, item.flags)
@@ -153,7 +156,9 @@ class Core:
         hash_key, wire = self.keys.wire(key)
         return hash_key, wire, topology.nodes[topology.ring.node_for(hash_key)]
 
-    def route(self, topology: Topology, key: Any, kind: CallKind) -> tuple[bytes, bytes, Node, Decision | None]:
+    def route(
+        self, topology: Topology, key: Any, kind: CallKind
+    ) -> tuple[bytes, bytes, Node, Decision | None]:
         """Validate ``key`` and route it: (hashed, wire, owner, decision or None if the owner is ready)."""
         hash_key, wire = self.keys.wire(key)
         owner = topology.nodes[topology.ring.node_for(hash_key)]
@@ -174,11 +179,15 @@ def refusal(node: Node, reply: ErrorReply, what: str, key: Any) -> ShardcacheErr
     node_id = node.node_id
     if reply.kind == "SERVER_ERROR":
         if "too large" in reply.message:
-            return ValueTooLargeError(f"memcached node {node_id} refused the value for {key!r}: {reply.message}", key, node_id)
+            return ValueTooLargeError(
+                f"memcached node {node_id} refused the value for {key!r}: {reply.message}", key, node_id
+            )
         return ServerError(f"memcached node {node_id}: SERVER_ERROR {reply.message} ({what})", node_id)
     if reply.kind == "CLIENT_ERROR":
         return CommandError(f"memcached node {node_id} refused {what}: {reply.message}", node_id)
-    return CommandError(f"memcached node {node_id} refused {what}: {reply.kind} {reply.message}".rstrip(), node_id)
+    return CommandError(
+        f"memcached node {node_id} refused {what}: {reply.kind} {reply.message}".rstrip(), node_id
+    )
 
 
 # -- reads ----------------------------------------------------------------------------------------
@@ -274,7 +283,9 @@ def store(
         target = decision.target
         if decision.stand_in:
             capped = core.router.capped_ttl(proto.check_expire(expire))
-            payload = proto.store(command, wire, data, flags, capped, noreply=bool(noreply), cas=_cas_number(cas))
+            payload = proto.store(
+                command, wire, data, flags, capped, noreply=bool(noreply), cas=_cas_number(cas)
+            )
     if isinstance(cas, CasToken) and cas.node_id != target.node_id:
         return False  # a token only means something on the node that issued it
     what = command.decode()
@@ -397,8 +408,11 @@ def counter(
         if type(reply) is int:
             return reply
         topology = core.topology
-        if topology.previous is not None and (yield from warm(core, topology, [(hash_key, wire, topology.owner(hash_key))])):
-            continue  # the counter was still on its previous owner: now it is here
+        moved = [(hash_key, wire, topology.owner(hash_key))]
+        if topology.previous is not None and (yield from warm(core, topology, moved)):
+            # the counter was still on its previous owner: now it is here, and counted here only
+            yield from forget_previous(core, topology, moved)
+            continue
         if initial is None:
             return None
         created = yield from store(core, b"add", key, b"%d" % initial, expire, False, _FLAG_INTEGER, _PINNED)
@@ -407,7 +421,9 @@ def counter(
         if created:
             return int(initial)
     raise CasConflictError(
-        f"{name}({key!r}, initial={initial}): the counter kept appearing and disappearing", key, _CREATE_ATTEMPTS
+        f"{name}({key!r}, initial={initial}): the counter kept appearing and disappearing",
+        key,
+        _CREATE_ATTEMPTS,
     )
 
 
@@ -449,7 +465,9 @@ def compare_delete(core: Core, key: Any, expected: Any) -> Flow[bool]:
     if owner.node_id != token.node_id or decision is not None:
         return False
     try:
-        reply = yield Call(owner, proto.meta_delete(wire, cas=int(token)), Expect.META, "delete (compare)", key)
+        reply = yield Call(
+            owner, proto.meta_delete(wire, cas=int(token)), Expect.META, "delete (compare)", key
+        )
     except NodeError as err:
         core.failed(owner, err, _REPLACE, wire)  # fenced: the lock is ours, so its deletion is wanted
         return False

@@ -15,6 +15,7 @@ them).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -66,9 +67,10 @@ class ConnectionSettings:
 class Connection:
     """One socket to one node and its reply parser. Used by one thread at a time."""
 
-    __slots__ = ("_poll", "_pollout", "node_id", "parser", "sock", "tls")
+    __slots__ = ("_poll", "_pollout", "generation", "node_id", "parser", "sock", "tls")
 
     def __init__(self, sock: Any, node_id: str, max_value: int) -> None:
+        self.generation = 0  # the pool's generation when it was made; an older one is not kept
         self.sock = sock
         self.node_id = node_id
         self.parser = ReplyParser(max_value=max_value, node_id=node_id)
@@ -170,10 +172,8 @@ class Connection:
         return NodeUnavailableError(f"memcached node {self.node_id}: {reason}", self.node_id)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def connect(spec: NodeSpec, settings: ConnectionSettings, deadline: float | None) -> Connection:
@@ -190,7 +190,9 @@ def connect(spec: NodeSpec, settings: ConnectionSettings, deadline: float | None
         else:
             targets = module.getaddrinfo(spec.host, spec.port, 0, socket.SOCK_STREAM)
     except OSError as exc:
-        raise NodeUnavailableError(f"memcached node {node_id}: cannot resolve {spec.host!r}: {exc}", node_id) from exc
+        raise NodeUnavailableError(
+            f"memcached node {node_id}: cannot resolve {spec.host!r}: {exc}", node_id
+        ) from exc
     error: Exception | None = None
     for family, kind, proto, _, address in targets:
         sock = module.socket(family, kind, proto)
@@ -235,7 +237,7 @@ def _wrap_tls(sock: Any, context: Any, spec: NodeSpec, deadline: float | None, n
     sock.settimeout(left)
     try:
         wrapped = context.wrap_socket(sock, server_hostname=None if spec.unix else spec.host)
-    except (TimeoutError, socket.timeout) as exc:
+    except TimeoutError as exc:
         raise NodeTimeoutError(f"memcached node {node_id}: TLS handshake timed out", node_id) from exc
     wrapped.setblocking(False)
     return wrapped
@@ -253,7 +255,17 @@ def _keepalive(sock: Any, options: Any) -> None:
 class NodePool:
     """Idle connections to one node; thread-safe. Connections are made on demand."""
 
-    __slots__ = ("__weakref__", "_idle", "_idle_timeout", "_max_idle", "_on_connect", "_settings", "node_id", "spec")
+    __slots__ = (
+        "__weakref__",
+        "_generation",
+        "_idle",
+        "_idle_timeout",
+        "_max_idle",
+        "_on_connect",
+        "_settings",
+        "node_id",
+        "spec",
+    )
 
     def __init__(
         self, spec: NodeSpec, settings: ConnectionSettings, *, max_idle: int | None, idle_timeout: float,
@@ -264,6 +276,7 @@ class NodePool:
         self.node_id = spec.node_id
         self._settings = settings
         self._idle: deque[tuple[Connection, float]] = deque()
+        self._generation = 0  # bumped by close(): connections made before it are not kept
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         _pools.add(self)
@@ -271,24 +284,29 @@ class NodePool:
     def acquire(self, deadline: float | None) -> Connection:
         """An idle connection, or a new one (connected now, within the deadline)."""
         idle = self._idle
-        while True:
+        while idle:
             try:
                 conn, since = idle.pop()
-            except IndexError:
-                conn = connect(self.spec, self._settings, deadline)
-                if self._on_connect is not None:
-                    on_connect, self._on_connect = self._on_connect, None
-                    on_connect(conn)
-                return conn
+            except IndexError:  # another thread took the last one
+                break
             if self._idle_timeout and _monotonic() - since > self._idle_timeout:
                 conn.close()
                 continue
             return conn
+        conn = connect(self.spec, self._settings, deadline)
+        conn.generation = self._generation
+        if self._on_connect is not None:
+            on_connect, self._on_connect = self._on_connect, None
+            on_connect(conn)
+        return conn
 
     def release(self, conn: Connection) -> None:
         """Give back a connection that is in step (every reply it was sent has been read, or an
         ``mn`` is queued behind its noreply commands)."""
-        if self._max_idle is not None and len(self._idle) >= self._max_idle:
+        if (
+            conn.generation != self._generation  # in use when the pool was closed: out of date
+            or (self._max_idle is not None and len(self._idle) >= self._max_idle)
+        ):
             conn.close()
         else:
             self._idle.append((conn, _monotonic() if self._idle_timeout else 0.0))
@@ -303,7 +321,9 @@ class NodePool:
         return len(self._idle)
 
     def close(self) -> None:
-        """Close every idle connection (connections in use are closed or kept when released)."""
+        """Close every idle connection; connections in use are closed when they are released (so
+        none outlives a close in an unreachable pool). New ones are made on demand."""
+        self._generation += 1
         while True:
             try:
                 conn, _ = self._idle.pop()

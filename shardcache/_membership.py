@@ -52,7 +52,10 @@ class Membership:
     def _make_node(self, spec: NodeSpec) -> Node:
         options = self._options
         pool = NodePool(
-            spec, self._settings, max_idle=options.max_pool_size, idle_timeout=float(options.pool_idle_timeout)
+            spec,
+            self._settings,
+            max_idle=options.max_pool_size,
+            idle_timeout=float(options.pool_idle_timeout),
         )
         holder: list[Node] = []
 
@@ -133,7 +136,9 @@ class Membership:
     def _end_window(self, topology: Topology, retired: list[Node]) -> None:
         with self._change_lock:
             if self.topology is topology:
-                self.topology = Topology(topology.ring, topology.nodes, topology.gutter_ring, topology.gutter_nodes)
+                self.topology = Topology(
+                    topology.ring, topology.nodes, topology.gutter_ring, topology.gutter_nodes
+                )
                 self._window_timer = None
         for node in retired:
             if node.node_id not in self.topology.nodes:

@@ -9,10 +9,11 @@ take the same options through this one parser.
 from __future__ import annotations
 
 import difflib
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any
 
@@ -61,7 +62,7 @@ class Options:
     max_item_size: int = DEFAULT_MAX_VALUE
     on_error: str = "raise"
     failover: str = "fail_fast"
-    health: HealthPolicy = HealthPolicy()
+    health: HealthPolicy = field(default_factory=HealthPolicy)
     failover_ttl_s: int = 60
     gutter_servers: tuple[NodeSpec, ...] = ()
     fence_max_keys: int = 100_000
@@ -75,7 +76,9 @@ class Options:
         return self.on_error == "miss"
 
     def key_codec(self) -> KeyCodec:
-        return KeyCodec(self.key_prefix, hash_prefix=self.hash_key_prefix, allow_unicode=self.allow_unicode_keys)
+        return KeyCodec(
+            self.key_prefix, hash_prefix=self.hash_key_prefix, allow_unicode=self.allow_unicode_keys
+        )
 
     @classmethod
     def parse(cls, **kwargs: Any) -> Options:
@@ -124,8 +127,13 @@ class Options:
         _integer("failover_ttl_s", self.failover_ttl_s, minimum=1, maximum=30 * 24 * 3600)
         _integer("fence_max_keys", self.fence_max_keys, minimum=0)
         if self.discovery is not None and not callable(self.discovery):
-            raise ConfigurationError(f"discovery={self.discovery!r}: expected a callable returning a server list")
-        if not (callable(getattr(self.serde, "serialize", None)) and callable(getattr(self.serde, "deserialize", None))):
+            raise ConfigurationError(
+                f"discovery={self.discovery!r}: expected a callable returning a server list"
+            )
+        if not (
+            callable(getattr(self.serde, "serialize", None))
+            and callable(getattr(self.serde, "deserialize", None))
+        ):
             raise ConfigurationError(f"serde={self.serde!r}: needs serialize() and deserialize() methods")
         if not isinstance(self.encoding, str):
             raise ConfigurationError(f"encoding={self.encoding!r}: expected a codec name")
@@ -163,9 +171,8 @@ def _seconds(name: str, value: object, *, allow_none: bool = False, positive: bo
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or value != value  # NaN
+        or not math.isfinite(value)
         or value < 0
-        or value == float("inf")
         or (positive and value == 0)
     ):
         raise ConfigurationError(f"{name}={value!r}: expected finite seconds {'> 0' if positive else '>= 0'}")

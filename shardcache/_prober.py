@@ -109,7 +109,9 @@ def _all_deleted(result: Any) -> bool:
 class Prober:
     """The prober thread of one client; thread-safe."""
 
-    def __init__(self, topology: Callable[[], Topology], run: Callable[[Flow[bool]], bool], events: Events) -> None:
+    def __init__(
+        self, topology: Callable[[], Topology], run: Callable[[Flow[bool]], bool], events: Events
+    ) -> None:
         self._topology = topology
         self._run = run
         self._events = events

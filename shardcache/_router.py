@@ -50,7 +50,9 @@ class CallKind(enum.Enum):
     #: (deleting a counter because an increment failed would lose its count).
     PINNED = ("pinned write", False, False, False, True)
 
-    def __init__(self, label: str, stand_in_ok: bool, fence_failed: bool, forget_before: bool, forget_after: bool):
+    def __init__(
+        self, label: str, stand_in_ok: bool, fence_failed: bool, forget_before: bool, forget_after: bool
+    ):
         self.label = label
         self.stand_in_ok = stand_in_ok
         self.fence_failed = fence_failed
@@ -101,7 +103,9 @@ class Router:
 
     # -- decisions (pure) -------------------------------------------------------------------------
 
-    def decide(self, topology: Topology, owner: Node, hash_key: bytes, wire: bytes, kind: CallKind) -> Decision:
+    def decide(
+        self, topology: Topology, owner: Node, hash_key: bytes, wire: bytes, kind: CallKind
+    ) -> Decision:
         if owner.ready:
             return Decision(owner, owner)
         if owner.health.state == UP:  # up, with keys still to forget
@@ -114,7 +118,9 @@ class Router:
             return Decision(None, owner, down=True, fence=kind.writes, copy=kind.writes, count_failover=True)
         if kind is CallKind.READ and owner.stale_on(target, wire):
             return Decision(None, owner, count_failover=True)  # an outdated copy, not yet removed
-        return Decision(target, owner, stand_in=True, fence=True, copy=kind is not CallKind.READ, count_failover=True)
+        return Decision(
+            target, owner, stand_in=True, fence=True, copy=kind is not CallKind.READ, count_failover=True
+        )
 
     def stand_in(self, topology: Topology, owner: Node, hash_key: bytes) -> Node | None:
         """The node serving ``owner``'s key while it is away, or None (fail fast, or none ready)."""
@@ -149,7 +155,9 @@ class Router:
         if decision.fence:
             owner.stood_in(decision.target, wire, writing=decision.copy)
 
-    def route(self, topology: Topology, owner: Node, hash_key: bytes, wire: bytes, kind: CallKind) -> Decision:
+    def route(
+        self, topology: Topology, owner: Node, hash_key: bytes, wire: bytes, kind: CallKind
+    ) -> Decision:
         decision = self.decide(topology, owner, hash_key, wire, kind)
         if decision.fence or decision.count_failover:
             self.commit(decision, wire)
@@ -173,14 +181,14 @@ class Router:
         down: dict[str, NodeUnavailableError] = {}
         for key, hash_key, wire in hashed:
             owner = nodes[node_for(hash_key)]
-            target: Node | None = owner
+            target = owner
             if not owner.ready:
                 decision = self.route(topology, owner, hash_key, wire, kind)
-                target = decision.target
-                if target is None:
+                if decision.target is None:
                     if decision.down and owner.node_id not in down:
                         down[owner.node_id] = owner.down_error(what, self.failover)
                     continue
+                target = decision.target
                 if decision.stand_in:
                     moved.add(wire)
             group = groups.get(target.node_id)

@@ -241,7 +241,8 @@ class Node:
 
     def down_error(self, what: str, failover: str) -> NodeUnavailableError:
         return NodeUnavailableError(
-            f"memcached node {self.node_id} is {self.health.state} ({what}; failover={failover})", self.node_id
+            f"memcached node {self.node_id} is {self.health.state} ({what}; failover={failover})",
+            self.node_id,
         )
 
     def __repr__(self) -> str:
@@ -288,4 +289,3 @@ class Topology:
             return None
         old = self.previous_nodes[self.previous.node_for(hash_key)]
         return None if old is owner else old
-

@@ -59,7 +59,9 @@ def warm(core: Core, topology: Topology, misses: Sequence[Moved]) -> Flow[dict[b
     return found
 
 
-def _warm_once(core: Core, topology: Topology, misses: Sequence[Moved]) -> Flow[tuple[dict[bytes, Any], set[bytes]]]:
+def _warm_once(
+    core: Core, topology: Topology, misses: Sequence[Moved]
+) -> Flow[tuple[dict[bytes, Any], set[bytes]]]:
     now = core.options.clock()
     sources: dict[str, list[bytes]] = {}
     nodes: dict[str, Node] = {}
@@ -118,7 +120,7 @@ def _warm_once(core: Core, topology: Topology, misses: Sequence[Moved]) -> Flow[
             continue
         try:
             found[wire] = core.serde.deserialize(wire, values[wire].data or b"", _number(values[wire], b"f"))
-        except Exception:  # noqa: BLE001 - unreadable: a miss, as it would be on its own node
+        except Exception:
             continue
     if withdraw:
         yield from _fanout_by_node(nodes, {n: b"".join(p) for n, p in withdraw.items()},
@@ -141,7 +143,10 @@ def forget_previous(core: Core, topology: Topology, moved: Iterable[Moved]) -> F
     if not groups:
         return
     jobs: dict[str, tuple[Node, Job]] = {
-        node_id: (nodes[node_id], (b"".join(proto.delete(w) for w in wires), [(Expect.STATUS, False)] * len(wires)))
+        node_id: (
+            nodes[node_id],
+            (b"".join(proto.delete(w) for w in wires), [(Expect.STATUS, False)] * len(wires)),
+        )
         for node_id, wires in groups.items()
     }
     results = yield Fanout(jobs, "delete on previous owner")
@@ -165,7 +170,8 @@ def _fanout_by_node(
     """``{node_id: replies}`` for the nodes that answered without an error; a node that failed (the
     executor has reported it) or refused (an error reply) gives nothing: warm-up is best-effort."""
     jobs: dict[str, tuple[Node, Job]] = {
-        node_id: (nodes[node_id], (payload, [_META] * counts[node_id])) for node_id, payload in payloads.items()
+        node_id: (nodes[node_id], (payload, [_META] * counts[node_id]))
+        for node_id, payload in payloads.items()
     }
     results = yield Fanout(jobs, what)
     answered: dict[str, list[Meta]] = {}

@@ -109,7 +109,9 @@ class Client:
         executor = Executor(events, settings, opts.timeout)
         router = Router(opts.failover, failover_ttl_s=opts.failover_ttl_s, miss_on_error=opts.miss_on_error)
         self._events = events
-        self._membership = Membership(opts, ring, gutter_ring, events=events, settings=settings, run=executor.run)
+        self._membership = Membership(
+            opts, ring, gutter_ring, events=events, settings=settings, run=executor.run
+        )
         self._core = Core(opts, self._membership, router, events)
         self._run = executor.run
         self._engine = Engine(self._core, executor.run)
@@ -189,7 +191,9 @@ class Client:
         """
         if cas is None or isinstance(cas, bool):
             raise ArgumentError(f"cas must be a token from gets, got {cas!r}")
-        result = self._run(cmd.store(self._core, b"cas", key, value, expire, noreply, flags, CallKind.WRITE, cas))
+        result = self._run(
+            cmd.store(self._core, b"cas", key, value, expire, noreply, flags, CallKind.WRITE, cas)
+        )
         if result is UNAVAILABLE:
             return False
         return result  # type: ignore[no-any-return]
@@ -203,7 +207,13 @@ class Client:
         return self._run(cmd.delete(self._core, key, noreply))
 
     def incr(
-        self, key: Key, value: int, noreply: bool | None = False, *, initial: int | None = None, expire: int = 0
+        self,
+        key: Key,
+        value: int,
+        noreply: bool | None = False,
+        *,
+        initial: int | None = None,
+        expire: int = 0,
     ) -> int | None:
         """Add ``value`` to the counter at ``key``: the new value, or None if ``key`` is absent.
 
@@ -218,17 +228,27 @@ class Client:
         counter is never moved to a stand-in node while its node is down: the call misses (or
         raises) instead, so no count restarts from zero elsewhere.
         """
-        return self._run(cmd.counter(self._core, key, value, decr=False, noreply=noreply, initial=initial, expire=expire))
+        return self._run(
+            cmd.counter(self._core, key, value, decr=False, noreply=noreply, initial=initial, expire=expire)
+        )
 
     def decr(
-        self, key: Key, value: int, noreply: bool | None = False, *, initial: int | None = None, expire: int = 0
+        self,
+        key: Key,
+        value: int,
+        noreply: bool | None = False,
+        *,
+        initial: int | None = None,
+        expire: int = 0,
     ) -> int | None:
         """Subtract ``value`` from the counter at ``key`` (floored at 0): the new value, or None.
 
         ``initial`` and ``expire`` as for ``incr``: an absent counter is created at ``initial``,
         which is returned, the delta not subtracted.
         """
-        return self._run(cmd.counter(self._core, key, value, decr=True, noreply=noreply, initial=initial, expire=expire))
+        return self._run(
+            cmd.counter(self._core, key, value, decr=True, noreply=noreply, initial=initial, expire=expire)
+        )
 
     def touch(self, key: Key, expire: int = 0, noreply: bool | None = None) -> bool:
         """Set a new expiry on ``key``. True if it exists."""
@@ -237,8 +257,8 @@ class Client:
     # -- race-free patterns (shardcache.recipes) ---------------------------------------------------
 
     def cas_update(
-        self, key: Key, fn: Callable[[Any], Any], *, initial: Any = None, expire: int = 0, max_attempts: int = 64,
-        backoff_s: float = 0.001, max_backoff_s: float = 0.05,
+        self, key: Key, fn: Callable[[Any], Any], *, initial: Any = None, expire: int = 0,
+        max_attempts: int = 64, backoff_s: float = 0.001, max_backoff_s: float = 0.05,
     ) -> Any:  # fmt: skip
         """Apply ``fn`` to the value of ``key`` atomically (the CAS retry loop); the stored value.
 
@@ -285,8 +305,8 @@ class Client:
         return self._run(_batch.fetch(self._core, keys, with_cas=True))
 
     def set_many(
-        self, values: Mapping[Any, Any] | Iterable[tuple[Any, Any]], expire: int = 0, noreply: bool | None = None,
-        flags: int | None = None,
+        self, values: Mapping[Any, Any] | Iterable[tuple[Any, Any]], expire: int = 0,
+        noreply: bool | None = None, flags: int | None = None,
     ) -> list[Key]:  # fmt: skip
         """Store every item, on all nodes at once; returns the keys that were not stored.
 

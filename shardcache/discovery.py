@@ -26,7 +26,9 @@ __all__ = ["Poller", "Resolver", "dns_discovery"]
 Resolver = Callable[[str, int], list[tuple[Any, ...]]]
 
 
-def dns_discovery(name: str, port: int = 11211, *, resolver: Resolver | None = None) -> Callable[[], list[str]]:
+def dns_discovery(
+    name: str, port: int = 11211, *, resolver: Resolver | None = None
+) -> Callable[[], list[str]]:
     """A ``discovery=`` callable: the A/AAAA records of ``name``, as sorted ``addr:port`` specs.
 
     ``resolver(name, port)`` returns ``socket.getaddrinfo``-style tuples (the default is

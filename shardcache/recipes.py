@@ -91,7 +91,9 @@ def cas_update_flow(
         else:
             value, token = found
             new = yield Compute(fn, (value,))
-            outcome = yield from cmd.store(core, b"cas", key, new, expire, False, None, CallKind.PINNED, token)
+            outcome = yield from cmd.store(
+                core, b"cas", key, new, expire, False, None, CallKind.PINNED, token
+            )
         if outcome is UNAVAILABLE:
             return None
         if outcome:
@@ -171,7 +173,9 @@ class Lock:
         rng = random.Random()
         self.unavailable = False
         for attempt in range(1_000_000):  # bounded by the deadline; the count is a last resort
-            taken = yield from cmd.store(core, b"add", self._key, token, self._ttl_s, False, None, CallKind.PINNED)
+            taken = yield from cmd.store(
+                core, b"add", self._key, token, self._ttl_s, False, None, CallKind.PINNED
+            )
             if taken is UNAVAILABLE:  # its node is down (on_error="miss"): no one can hold it now
                 self.unavailable = True
                 return False
@@ -200,7 +204,9 @@ class Lock:
 
     def __enter__(self) -> Lock:
         if not self.acquire():
-            raise LockError(f"could not acquire lock {self._key!r} within {self._blocking_timeout_s} s", self._key)
+            raise LockError(
+                f"could not acquire lock {self._key!r} within {self._blocking_timeout_s} s", self._key
+            )
         return self
 
     def __exit__(
@@ -268,9 +274,8 @@ def get_or_set(
     lock = Lock(client, key, ttl_s=lock_ttl_s, blocking_timeout_s=0)
     wait = _seconds("wait_s", wait_s, allow_none=True)
     poll = _seconds("poll_s", poll_s) or 0.0
-    return engine.run(get_or_set_flow(
-        core, key, factory, lock, expire=expire, wait_s=float(lock_ttl_s) if wait is None else wait, poll_s=poll,
-    ))  # fmt: skip
+    wait_for = float(lock_ttl_s) if wait is None else wait
+    return engine.run(get_or_set_flow(core, key, factory, lock, expire=expire, wait_s=wait_for, poll_s=poll))
 
 
 class _Cache(HasEngine, Protocol):
