@@ -11,8 +11,9 @@ Safety rules, enforced here because this is where bytes are made:
 - **Keys** are checked once by :class:`KeyCodec` (str/bytes, no whitespace or control byte, at
   most 250 bytes with the prefix); encoders take only keys it produced.
 - **Every number** that reaches the wire is range-checked (expire, flags, CAS, delta, initial,
-  delay, memory limit, TTLs): memcached refuses an out-of-range number on a storage command line
-  but does not consume the data block, so the value bytes would run as commands.
+  delay, memory limit, TTLs): memcached (1.6.18) truncates an out-of-range expire or flags to 32
+  bits without a word (an expire of 2**31 becomes negative: the item is gone at once), and a
+  number it does refuse on a storage command line leaves the data block to run as commands.
 - **Replies are bounded** (the parser lives in :mod:`shardcache._replies`, re-exported here): a
   header line longer than ``MAX_LINE`` or a value longer than the configured ``max_value`` never
   grows a buffer without limit. A value over ``max_value`` (the item size limit) is skipped as
@@ -85,7 +86,8 @@ __all__ = [
 MAX_KEY_LENGTH: Final = 250
 _U32: Final = 2**32
 _U64: Final = 2**64
-_EXPIRE_MIN: Final = -(2**31)
+_I32_MIN: Final = -(2**31)
+_I32_MAX: Final = 2**31 - 1
 _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]").search
 _STAT_TOKEN = re.compile(rb"[\x21-\x7e]+").fullmatch
 
@@ -163,9 +165,10 @@ def _integer(value: object, name: str, low: int, high: int) -> int:
 
 
 def check_expire(value: object, name: str = "expire") -> int:
-    """Seconds (<= 30 days), or a Unix time; negative means already expired. -2**31..2**32-1:
-    beyond that memcached's 32-bit clock wraps and the item would expire at an arbitrary time."""
-    return _integer(value, name, _EXPIRE_MIN, _U32 - 1)
+    """Seconds (<= 30 days), or a Unix time; negative means already expired. -2**31..2**31-1:
+    memcached parses it as a signed 32-bit number and silently wraps anything larger (2**31 and
+    up become negative, so the item would expire at once)."""
+    return _integer(value, name, _I32_MIN, _I32_MAX)
 
 
 def check_flags(value: object) -> int:
@@ -189,8 +192,9 @@ def check_delta(value: object, name: str = "delta") -> int:
 
 
 def check_delay(value: object, name: str = "delay") -> int:
-    """A flush_all delay in seconds, or a memory limit in megabytes: unsigned 32 bits."""
-    return _integer(value, name, 0, _U32 - 1)
+    """A flush_all delay in seconds: 0..2**31-1 (memcached parses it as a signed 32-bit number and
+    wraps a larger one to a negative delay, which flushes at once)."""
+    return _integer(value, name, 0, _I32_MAX)
 
 
 # -- encoders: the classic text protocol ------------------------------------------------------------
@@ -271,7 +275,8 @@ def flush_all(delay: object = 0, *, noreply: bool = False) -> bytes:
 
 
 def cache_memlimit(megabytes: object) -> bytes:
-    return b"cache_memlimit %d\r\n" % check_delay(megabytes, "memlimit")
+    """``cache_memlimit``: megabytes, unsigned 32 bits (memcached refuses over 1,000,000 itself)."""
+    return b"cache_memlimit %d\r\n" % _integer(megabytes, "memlimit", 0, _U32 - 1)
 
 
 # -- encoders: the meta protocol (memcached >= 1.6) ---------------------------------------------------
