@@ -8,8 +8,9 @@ parsed the same way whatever the node's health, warm-up window or I/O flavour.
 
 Safety rules, enforced here because this is where bytes are made:
 
-- **Keys** are checked once by :class:`KeyCodec` (str/bytes, no whitespace or control byte, at
-  most 250 bytes with the prefix); encoders take only keys it produced.
+- **Keys** are checked by :class:`KeyCodec` (str/bytes, no whitespace or control byte, at most
+  250 bytes with the prefix); encoders check the wire key again (a cheap scan), so no caller can
+  smuggle a second command into a request line.
 - **Every number** that reaches the wire is range-checked (expire, flags, CAS, delta, initial,
   delay, memory limit, TTLs): memcached (1.6.18) truncates an out-of-range expire or flags to 32
   bits without a word (an expire of 2**31 becomes negative: the item is gone at once), and a
@@ -143,6 +144,24 @@ class KeyCodec:
         return wire[len(self.prefix) :]
 
 
+def _checked_wire(wire: object) -> bytes:
+    """A wire key as :meth:`KeyCodec.wire` makes them, or ``KeyValidationError``."""
+    if type(wire) is not bytes or not wire or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+        if type(wire) is not bytes:
+            raise KeyValidationError(f"wire key must be bytes, got {type(wire).__name__}: {wire!r}")
+        raise KeyValidationError(_key_problem(wire, wire, wire))
+    return wire
+
+
+def _data_block(data: object) -> bytes:
+    """A value as bytes: its length on the command line must be the length of what follows."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return memoryview(data).tobytes()
+    raise ArgumentError(f"a value must be bytes, got {type(data).__name__}")
+
+
 def _key_problem(key: object, raw: bytes, wire: bytes) -> str:
     if not raw:
         return f"key {key!r} is empty"
@@ -213,8 +232,9 @@ def store(
     cas: int | None = None,
 ) -> bytes:
     """``set``/``add``/``replace``/``append``/``prepend``/``cas`` of one item; numbers are checked."""
-    if command not in _STORE_COMMANDS:
+    if type(command) is not bytes or command not in _STORE_COMMANDS:
         raise ArgumentError(f"not a storage command: {command!r}")
+    wire, data = _checked_wire(wire), _data_block(data)
     flags = check_flags(flags)
     expire = check_expire(expire)
     if command == b"cas":
@@ -232,27 +252,27 @@ def retrieve(wires: Sequence[bytes], *, cas: bool = False, touch: int | None = N
     """``get``/``gets`` of one or more keys, or ``gat``/``gats`` with a new expiry (``touch``)."""
     if not wires:
         raise ArgumentError("a retrieval needs at least one key")
-    keys = b" ".join(wires)
+    keys = b" ".join([_checked_wire(wire) for wire in wires])
     if touch is None:
         return (b"gets " if cas else b"get ") + keys + b"\r\n"
     return b"%b %d %b\r\n" % (b"gats" if cas else b"gat", check_expire(touch, "expire"), keys)
 
 
 def delete(wire: bytes, *, noreply: bool = False) -> bytes:
-    return b"delete " + wire + (b" noreply\r\n" if noreply else b"\r\n")
+    return b"delete " + _checked_wire(wire) + (b" noreply\r\n" if noreply else b"\r\n")
 
 
 def incr_decr(wire: bytes, delta: object, *, decr: bool = False, noreply: bool = False) -> bytes:
     return b"%b %b %d%b\r\n" % (
         b"decr" if decr else b"incr",
-        wire,
+        _checked_wire(wire),
         check_delta(delta),
         b" noreply" if noreply else b"",
     )
 
 
 def touch(wire: bytes, expire: object, *, noreply: bool = False) -> bytes:
-    return b"touch %b %d%b\r\n" % (wire, check_expire(expire), b" noreply" if noreply else b"")
+    return b"touch %b %d%b\r\n" % (_checked_wire(wire), check_expire(expire), b" noreply" if noreply else b"")
 
 
 def version() -> bytes:
@@ -297,7 +317,7 @@ def meta_get(
     """``mg``: return the value (``v``), CAS (``c``), client flags (``f``), remaining TTL (``t``),
     key (``k``); ``vivify`` (``N``: create an empty item on a miss, win flag), ``recache`` (``R``),
     ``new_ttl`` (``T``: touch)."""
-    out = [b"mg ", wire]
+    out = [b"mg ", _checked_wire(wire)]
     for on, token in ((value, b" v"), (cas, b" c"), (flags, b" f"), (ttl, b" t"), (key, b" k")):
         if on:
             out.append(token)
@@ -325,10 +345,10 @@ def meta_set(
     """``ms`` in ``mode`` (set/add/replace/append/prepend), compare-and-set with ``cas`` (``C``),
     ``invalidate`` (``I``: with ``cas``, store as stale if the item's CAS is newer), ``return_cas``
     (``c``). memcached discards the data block of a refused ``ms``, so it never runs as a command."""
-    try:
-        mode_token = _MS_MODES[mode]
-    except KeyError:
-        raise ArgumentError(f"meta set mode must be one of {', '.join(_MS_MODES)}, got {mode!r}") from None
+    mode_token = _MS_MODES.get(mode) if type(mode) is str else None
+    if mode_token is None:
+        raise ArgumentError(f"meta set mode must be one of {', '.join(_MS_MODES)}, got {mode!r}")
+    wire, data = _checked_wire(wire), _data_block(data)
     head = b"ms %b %d F%d T%d%b" % (wire, len(data), check_flags(flags), check_expire(ttl, "ttl"), mode_token)
     if cas is not None:
         head += b" C%d" % check_cas(cas)
@@ -344,7 +364,7 @@ def meta_delete(
 ) -> bytes:
     """``md``: delete, only if the CAS matches (``C``); ``invalidate`` (``I``) marks it stale instead,
     with a new ``ttl`` (``T``)."""
-    out = b"md " + wire
+    out = b"md " + _checked_wire(wire)
     if cas is not None:
         out += b" C%d" % check_cas(cas)
     if invalidate:
@@ -365,7 +385,7 @@ def meta_arithmetic(
 ) -> bytes:
     """``ma`` returning the new value: ``D`` delta, ``MD`` to decrement; with ``initial`` and
     ``vivify_ttl`` an absent counter is created at ``initial`` (``N``/``J``) in the same round trip."""
-    out = b"ma %b v D%d" % (wire, check_delta(delta))
+    out = b"ma %b v D%d" % (_checked_wire(wire), check_delta(delta))
     if decr:
         out += b" MD"
     if initial is not None:
