@@ -198,9 +198,11 @@ class ReplyParser:
     def _line(self) -> bytes | None:
         buf = self._buf
         end = buf.find(b"\r\n", self._pos)
+        # The same limit whether or not the CRLF has arrived yet (a buffered "\r" may be half of it),
+        # so a reply is accepted or refused the same way however the bytes were split.
+        if (end if end >= 0 else len(buf) - 1) - self._pos > MAX_LINE:
+            raise self._error(f"a reply line longer than {MAX_LINE} bytes")
         if end < 0:
-            if len(buf) - self._pos > MAX_LINE:
-                raise self._error(f"a reply line longer than {MAX_LINE} bytes")
             return None
         line = buf[self._pos : end]
         self._pos = end + 2
