@@ -118,7 +118,7 @@ class ReplyParser:
         self._head: tuple[dict[bytes, bytes] | None, bytes, int, int | None, int] | None = None
         self._data: list[bytes] = []
         self._need = 0  # bytes of that value still to come (its CRLF included)
-        self._skip = 0  # bytes of an oversized value still to discard (its CRLF included)
+        self._skip = 0  # bytes of an oversized value still to discard (then _need collects its CRLF)
         self._ready: Any = None  # a meta reply completed by feed()
         self.swallowed: list[ErrorReply] = []  # errors memcached sent despite noreply
 
@@ -143,9 +143,8 @@ class ReplyParser:
                 self._skip -= len(data)
                 return
             data = data[self._skip :]
-            self._skip = 0
-            self._end_value(None)
-        elif self._need:
+            self._skip = 0  # _need is still 2: the CRLF after the discarded bytes
+        if self._need:
             if len(data) < self._need:
                 self._data.append(data)
                 self._need -= len(data)
@@ -293,21 +292,22 @@ class ReplyParser:
         self._buf, self._pos = b"", 0
         self._head = (meta, key, flags, cas, size)
         if size > self._max_value:
-            self._skip = size + 2 - len(rest)
-        else:
-            self._data = [rest]
-            self._need = size + 2 - len(rest)
+            self._skip = max(size - len(rest), 0)
+            rest = rest[size:]  # whatever part of the CRLF already arrived
+        self._data = [rest]
+        self._need = size + 2 - len(rest) if size <= self._max_value else 2 - len(rest)
         return NEED_DATA
 
-    def _end_value(self, data: bytes | None) -> None:
-        """The value collected by feed() is complete (``data`` ends with its CRLF; None: skipped)."""
+    def _end_value(self, data: bytes) -> None:
+        """The value collected by feed() is complete: ``data`` ends with its CRLF (and is only
+        the CRLF for an oversized value, whose bytes were skipped)."""
         assert self._head is not None
         meta, key, flags, cas, size = self._head
         self._head = None
-        if data is None:
-            item: Any = Oversized(key, size)
-        elif data[-2:] != b"\r\n":
+        if data[-2:] != b"\r\n":
             raise self._error(f"value of {key[:40]!r} not terminated by CRLF")
+        if size > self._max_value:
+            item: Any = Oversized(key, size)
         else:
             item = Value(key, flags, data[:-2], cas) if meta is None else Meta(b"VA", meta, data[:-2])
         if meta is None:
