@@ -75,7 +75,7 @@ class ErrorReply(NamedTuple):
 class Expect:
     """What a request expects back; pass one to :meth:`ReplyParser.expect` per request sent."""
 
-    VALUES: Final = 0  # get/gets/gat/gats: VALUE ... END -> list[Value | Oversized]
+    VALUES: Final = 0  # get/gat (gets/gats: CAS_VALUES): VALUE ... END -> list[Value | Oversized]
     STATUS: Final = 1  # storage, delete, touch: one status line -> bytes (b"STORED", ...)
     NUMBER: Final = 2  # incr/decr: int, or b"NOT_FOUND"
     META: Final = 3  # mg/ms/md/ma/mn -> Meta
@@ -83,6 +83,7 @@ class Expect:
     VERSION: Final = 5  # VERSION x -> bytes
     OK: Final = 6  # flush_all, cache_memlimit: b"OK"
     NOOP: Final = 7  # internal: everything up to MN after noreply commands; never returned
+    CAS_VALUES: Final = 8  # gets/gats: as VALUES, and an item without its CAS is a ProtocolError
 
 
 NEED_DATA: Final = object()  # next() has no complete reply yet: feed more bytes
@@ -177,15 +178,15 @@ class ReplyParser:
                 return NEED_DATA
             kind, data_block, wanted = self._expect[0]
             start = self._pos
-            if kind == 0:
-                reply = self._values(wanted)
-            elif kind == 7:
+            if kind in (Expect.VALUES, Expect.CAS_VALUES):
+                reply = self._values(wanted, kind == Expect.CAS_VALUES)
+            elif kind == Expect.NOOP:
                 reply = self._noop()
             else:
                 line = self._line()
                 reply = NEED_DATA if line is None else self._simple(kind, data_block, line)
             if reply is NEED_DATA:
-                if kind == 4:
+                if kind == Expect.STATS:
                     self._pos = start  # a partial stats reply is parsed again when complete
                 return NEED_DATA
             if reply is _NOOP_DONE:
@@ -244,7 +245,7 @@ class ReplyParser:
             return ErrorReply(head.decode(), message, False)
         raise self._error(f"unexpected reply {line[:40]!r}")
 
-    def _values(self, wanted: Any) -> Any:
+    def _values(self, wanted: Any, with_cas: bool) -> Any:
         items = self._items
         while True:
             line = self._line()
@@ -258,18 +259,27 @@ class ReplyParser:
                 if items:
                     raise self._error(f"unexpected line in a get reply {line[:40]!r}")
                 return self._refusal(line, False)
-            key, size, flags = parts[1], _number(parts[3]), _number(parts[2])
-            cas = _number(parts[4]) if len(parts) == 5 else None
-            if size is None or flags is None or flags >= _U32 or (len(parts) == 5 and cas is None):
-                raise self._error(f"malformed value header {line[:60]!r}")
-            if cas is not None and cas >= _U64:
-                raise self._error(f"CAS unique out of range {line[:60]!r}")
+            key, flags, cas, size = self._value_header(line, parts, with_cas)
             if wanted is not None and key != wanted and (type(wanted) is bytes or key not in wanted):
                 raise self._error(f"a value for {key[:40]!r}, which was not asked for: out of step")
             value = self._value(None, key, flags, cas, size)
             if value is NEED_DATA:
                 return NEED_DATA
             items.append(value)
+
+    def _value_header(
+        self, line: bytes, parts: list[bytes], with_cas: bool
+    ) -> tuple[bytes, int, int | None, int]:
+        """``(key, flags, cas, size)`` of ``VALUE <key> <flags> <size> [<cas>]``."""
+        size, flags = _number(parts[3]), _number(parts[2])
+        cas = _number(parts[4]) if len(parts) == 5 else None
+        if size is None or flags is None or flags >= _U32 or (len(parts) == 5 and cas is None):
+            raise self._error(f"malformed value header {line[:60]!r}")
+        if cas is None and with_cas:
+            raise self._error(f"no CAS unique in a gets/gats reply {line[:60]!r}")
+        if cas is not None and cas >= _U64:
+            raise self._error(f"CAS unique out of range {line[:60]!r}")
+        return parts[1], flags, cas, size
 
     def _value(
         self, meta: dict[bytes, bytes] | None, key: bytes, flags: int, cas: int | None, size: int
