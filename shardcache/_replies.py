@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
-from shardcache.errors import ProtocolError
+from shardcache.errors import ArgumentError, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_VALUE",
@@ -86,6 +86,7 @@ class Expect:
     CAS_VALUES: Final = 8  # gets/gats: as VALUES, and an item without its CAS is a ProtocolError
 
 
+_KINDS: Final = frozenset(v for k, v in vars(Expect).items() if k.isupper())
 NEED_DATA: Final = object()  # next() has no complete reply yet: feed more bytes
 
 _STATUS_LINES = frozenset((b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DELETED", b"TOUCHED"))
@@ -109,6 +110,8 @@ class ReplyParser:
                  "_ready", "_skip", "swallowed")  # fmt: skip
 
     def __init__(self, *, max_value: int = DEFAULT_MAX_VALUE, node_id: str = "") -> None:
+        if type(max_value) is not int or not 0 <= max_value <= _HARD_MAX_VALUE:
+            raise ArgumentError(f"max_value={max_value!r}: an int of bytes, 0..{_HARD_MAX_VALUE}")
         self._max_value = max_value
         self._node = node_id
         self._buf = b""
@@ -128,6 +131,8 @@ class ReplyParser:
     def expect(self, kind: int, data_block: bool = False, wanted: Any = None) -> None:
         """One more reply to read. ``wanted`` (VALUES): the key, or a container of the keys, that
         were asked for; a value for any other key means the stream is out of step (ProtocolError)."""
+        if kind not in _KINDS:
+            raise ArgumentError(f"not an Expect kind: {kind!r}")
         self._expect.append((kind, data_block, wanted))
 
     @property
@@ -209,10 +214,10 @@ class ReplyParser:
         return line
 
     def _simple(self, kind: int, data_block: bool, line: bytes) -> Any:
-        if kind == 1:
+        if kind == Expect.STATUS:
             if line in _STATUS_LINES:
                 return line
-        elif kind == 2:
+        elif kind == Expect.NUMBER:
             digits = line.rstrip(b" ")  # some memcached versions pad decr replies with spaces
             if digits.isdigit():
                 if len(digits) > 20 or int(digits) >= _U64:
@@ -220,14 +225,14 @@ class ReplyParser:
                 return int(digits)
             if line == b"NOT_FOUND":
                 return line
-        elif kind == 3:
+        elif kind == Expect.META:
             return self._meta(line)
-        elif kind == 4:
+        elif kind == Expect.STATS:
             return self._stats(line)
-        elif kind == 5:
+        elif kind == Expect.VERSION:
             if line.startswith(b"VERSION "):
                 return line[8:]
-        elif kind == 6 and line == b"OK":
+        elif kind == Expect.OK and line == b"OK":
             return line
         return self._refusal(line, data_block)
 
