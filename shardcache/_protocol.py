@@ -283,7 +283,7 @@ def stats(args: Iterable[object] = ()) -> bytes:
     """``stats [args]``: each argument must be one printable token (``"slabs"``, ``"items"``)."""
     tokens = []
     for arg in args:
-        token = arg.encode("utf-8") if isinstance(arg, str) else arg  # non-ASCII fails the check
+        token = arg.encode("utf-8", "surrogatepass") if isinstance(arg, str) else arg  # non-ASCII fails
         if type(token) is not bytes or not _STAT_TOKEN(token) or len(token) > MAX_KEY_LENGTH:
             raise ArgumentError(f"stats argument must be one printable word, got {arg!r}")
         tokens.append(token)
