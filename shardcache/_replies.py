@@ -267,6 +267,8 @@ class ReplyParser:
             key, flags, cas, size = self._value_header(line, parts, with_cas)
             if wanted is not None and key != wanted and (type(wanted) is bytes or key not in wanted):
                 raise self._error(f"a value for {key[:40]!r}, which was not asked for: out of step")
+            if type(wanted) is bytes and items:
+                raise self._error(f"a second value for {key[:40]!r} in a one-key get: out of step")
             value = self._value(None, key, flags, cas, size)
             if value is NEED_DATA:
                 return NEED_DATA
