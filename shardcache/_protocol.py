@@ -110,6 +110,10 @@ class KeyCodec:
     def __init__(
         self, prefix: bytes = b"", *, hash_prefix: bool = False, allow_unicode: bool = False
     ) -> None:
+        if type(prefix) is not bytes:
+            if not isinstance(prefix, bytearray | memoryview):
+                raise ArgumentError(f"key prefix must be bytes, got {type(prefix).__name__}: {prefix!r}")
+            prefix = memoryview(prefix).tobytes()  # a bytearray prefix would make bytearray wire keys
         if len(prefix) >= MAX_KEY_LENGTH or _BAD_KEY_BYTE(prefix):
             raise ArgumentError(f"key prefix {prefix!r}: no whitespace or control characters, < 250 bytes")
         self.prefix = prefix

@@ -135,7 +135,14 @@ def test_unsafe_key_raises_key_validation_error(codec: KeyCodec, key: object, pr
         codec.wire(key)
 
 
-@pytest.mark.parametrize("prefix", [b"a b", b"\n", b"p" * 250])
+def test_key_codec_copies_a_bytearray_prefix_to_bytes() -> None:
+    codec = KeyCodec(bytearray(b"p:"))
+    assert codec.prefix == b"p:"
+    assert type(codec.wire("k")[1]) is bytes
+    assert proto.delete(codec.wire("k")[1]) == b"delete p:k\r\n"
+
+
+@pytest.mark.parametrize("prefix", [b"a b", b"\n", b"p" * 250, "p:", 5])
 def test_unsafe_key_prefix_raises_argument_error(prefix: bytes) -> None:
     with pytest.raises(ArgumentError, match="prefix"):
         KeyCodec(prefix)
