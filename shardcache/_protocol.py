@@ -215,8 +215,9 @@ def check_delta(value: object, name: str = "delta") -> int:
 
 
 def check_delay(value: object, name: str = "delay") -> int:
-    """A flush_all delay in seconds: 0..2**31-1 (memcached parses it as a signed 32-bit number and
-    wraps a larger one to a negative delay, which flushes at once)."""
+    """A flush_all delay: 0..2**31-1 (memcached parses it as a signed 32-bit number and wraps a
+    larger one to a negative delay, which flushes at once). Like an expire, a delay over 30 days
+    (2592000) is read by memcached as a Unix time, so one in the past also flushes at once."""
     return _integer(value, name, 0, _I32_MAX)
 
 
