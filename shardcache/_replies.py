@@ -107,15 +107,16 @@ class ReplyParser:
     """
 
     __slots__ = ("_buf", "_data", "_expect", "_head", "_items", "_max_value", "_need", "_node", "_pos",
-                 "_ready", "_skip", "swallowed")  # fmt: skip
+                 "_ready", "_scan", "_skip", "swallowed")  # fmt: skip
 
     def __init__(self, *, max_value: int = DEFAULT_MAX_VALUE, node_id: str = "") -> None:
         if type(max_value) is not int or not 0 <= max_value <= _HARD_MAX_VALUE:
             raise ArgumentError(f"max_value={max_value!r}: an int of bytes, 0..{_HARD_MAX_VALUE}")
         self._max_value = max_value
         self._node = node_id
-        self._buf = b""
+        self._buf = bytearray()  # received and not yet parsed from _pos on; grows by appending
         self._pos = 0
+        self._scan = 0  # no CRLF in _buf[_pos:_scan]: where the search for the next line resumes
         self._expect: deque[tuple[int, bool, Any]] = deque()
         self._items: list[Value | Oversized] = []  # a get reply being read
         # A value arriving across several feeds: (meta flags or None for get, key, flags, cas, size)
@@ -163,8 +164,10 @@ class ReplyParser:
         if not data:
             return
         buf, pos = self._buf, self._pos
-        self._buf = buf[pos:] + data if pos < len(buf) else data
-        self._pos = 0
+        if pos and pos * 2 >= len(buf):  # drop what was parsed once it is most of the buffer
+            del buf[:pos]
+            self._pos, self._scan = 0, max(self._scan - pos, 0)
+        buf += data
 
     # -- parsing --------------------------------------------------------------------------------
 
@@ -179,7 +182,7 @@ class ReplyParser:
                 return reply
             if not self._expect:
                 if self._pos < len(self._buf):
-                    raise self._error(f"unexpected bytes {self._buf[self._pos : self._pos + 40]!r}")
+                    raise self._error(f"unexpected bytes {bytes(self._buf[self._pos : self._pos + 40])!r}")
                 return NEED_DATA
             kind, data_block, wanted = self._expect[0]
             start = self._pos
@@ -192,7 +195,7 @@ class ReplyParser:
                 reply = NEED_DATA if line is None else self._simple(kind, data_block, line)
             if reply is NEED_DATA:
                 if kind == Expect.STATS:
-                    self._pos = start  # a partial stats reply is parsed again when complete
+                    self._pos = self._scan = start  # a partial stats reply is parsed again when complete
                 return NEED_DATA
             if reply is _NOOP_DONE:
                 self._expect.popleft()
@@ -202,15 +205,16 @@ class ReplyParser:
 
     def _line(self) -> bytes | None:
         buf = self._buf
-        end = buf.find(b"\r\n", self._pos)
+        end = buf.find(b"\r\n", max(self._pos, self._scan))
         # The same limit whether or not the CRLF has arrived yet (a buffered "\r" may be half of it),
         # so a reply is accepted or refused the same way however the bytes were split.
         if (end if end >= 0 else len(buf) - 1) - self._pos > MAX_LINE:
             raise self._error(f"a reply line longer than {MAX_LINE} bytes")
         if end < 0:
+            self._scan = max(len(buf) - 1, self._pos)  # a final "\r" may be half of the CRLF
             return None
-        line = buf[self._pos : end]
-        self._pos = end + 2
+        line = bytes(buf[self._pos : end])
+        self._pos = self._scan = end + 2
         return line
 
     def _simple(self, kind: int, data_block: bool, line: bytes) -> Any:
@@ -303,10 +307,10 @@ class ReplyParser:
             self._pos = stop + 2
             if size > self._max_value:
                 return Oversized(key, size)
-            data = buf[pos:stop]
+            data = bytes(buf[pos:stop])
             return Value(key, flags, data, cas) if meta is None else Meta(b"VA", meta, data)
-        rest = buf[pos:]
-        self._buf, self._pos = b"", 0
+        rest = bytes(buf[pos:])
+        self._buf, self._pos, self._scan = bytearray(), 0, 0
         self._head = (meta, key, flags, cas, size)
         if size > self._max_value:
             self._skip = max(size - len(rest), 0)

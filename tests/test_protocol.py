@@ -610,6 +610,11 @@ def test_overlong_line_raises_protocol_error_with_or_without_its_newline() -> No
         assert parse([(Expect.VERSION,)], chunks) == [b"x" * (MAX_LINE - 8)]
 
 
+def test_line_dripped_byte_by_byte_costs_linear_time() -> None:
+    line = b"VERSION " + b"x" * (MAX_LINE - 8) + b"\r\n"  # quadratic re-copying took seconds
+    assert parse([(Expect.VERSION,)], byte_by_byte(line)) == [line[8:-2]]
+
+
 def test_closed_connection_raises_protocol_error() -> None:
     parser = ReplyParser(node_id="n1")
     with pytest.raises(ProtocolError, match="closed"):
