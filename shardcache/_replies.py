@@ -106,8 +106,8 @@ class ReplyParser:
     discarded as they arrive and reported as :class:`Oversized`), a line only up to ``MAX_LINE``.
     """
 
-    __slots__ = ("_buf", "_data", "_expect", "_head", "_items", "_max_value", "_need", "_node", "_pos",
-                 "_ready", "_scan", "_skip", "swallowed")  # fmt: skip
+    __slots__ = ("_buf", "_data", "_expect", "_found", "_head", "_items", "_max_value", "_need", "_node",
+                 "_pos", "_ready", "_scan", "_skip", "swallowed")  # fmt: skip
 
     def __init__(self, *, max_value: int = DEFAULT_MAX_VALUE, node_id: str = "") -> None:
         if type(max_value) is not int or not 0 <= max_value <= _HARD_MAX_VALUE:
@@ -119,6 +119,7 @@ class ReplyParser:
         self._scan = 0  # no CRLF in _buf[_pos:_scan]: where the search for the next line resumes
         self._expect: deque[tuple[int, bool, Any]] = deque()
         self._items: list[Value | Oversized] = []  # a get reply being read
+        self._found: dict[bytes, bytes] = {}  # a stats reply being read
         # A value arriving across several feeds: (meta flags or None for get, key, flags, cas, size)
         self._head: tuple[dict[bytes, bytes] | None, bytes, int, int | None, int] | None = None
         self._data: list[bytes] = []
@@ -185,7 +186,6 @@ class ReplyParser:
                     raise self._error(f"unexpected bytes {bytes(self._buf[self._pos : self._pos + 40])!r}")
                 return NEED_DATA
             kind, data_block, wanted = self._expect[0]
-            start = self._pos
             if kind in (Expect.VALUES, Expect.CAS_VALUES):
                 reply = self._values(wanted, kind == Expect.CAS_VALUES)
             elif kind == Expect.NOOP:
@@ -194,8 +194,6 @@ class ReplyParser:
                 line = self._line()
                 reply = NEED_DATA if line is None else self._simple(kind, data_block, line)
             if reply is NEED_DATA:
-                if kind == Expect.STATS:
-                    self._pos = self._scan = start  # a partial stats reply is parsed again when complete
                 return NEED_DATA
             if reply is _NOOP_DONE:
                 self._expect.popleft()
@@ -350,9 +348,10 @@ class ReplyParser:
         return self._refusal(line, False)
 
     def _stats(self, line: bytes) -> Any:
-        found: dict[bytes, bytes] = {}
+        found = self._found
         while True:
             if line == b"END":
+                self._found = {}
                 return found
             head, _, rest = line.partition(b" ")
             if head in (b"STAT", b"ITEM"):
