@@ -8,16 +8,18 @@ parsed the same way whatever the node's health, warm-up window or I/O flavour.
 
 Safety rules, enforced here because this is where bytes are made:
 
-- **Keys** are checked once by :class:`KeyCodec` (str/bytes, no whitespace or control byte, at
-  most 250 bytes with the prefix); encoders take only keys it produced.
+- **Keys** are checked by :class:`KeyCodec` (str/bytes, no whitespace or control byte, at most
+  250 bytes with the prefix); encoders check the wire key again (a cheap scan), so no caller can
+  smuggle a second command into a request line.
 - **Every number** that reaches the wire is range-checked (expire, flags, CAS, delta, initial,
-  delay, memory limit, TTLs): memcached refuses an out-of-range number on a storage command line
-  but does not consume the data block, so the value bytes would run as commands.
-- **Replies are bounded**: a header line longer than ``MAX_LINE`` or a value longer than the
-  configured ``max_value`` never grows a buffer without limit. A value over ``max_value`` (the
-  item size limit) is skipped as it arrives and reported as :class:`Oversized`; a length no
-  memcached can send, or anything malformed, raises :class:`~shardcache.errors.ProtocolError`
-  (the connection must then be dropped).
+  delay, memory limit, TTLs): memcached (1.6.18) truncates an out-of-range expire or flags to 32
+  bits without a word (an expire of 2**31 becomes negative: the item is gone at once), and a
+  number it does refuse on a storage command line leaves the data block to run as commands.
+- **Replies are bounded** (the parser lives in :mod:`shardcache._replies`, re-exported here): a
+  header line longer than ``MAX_LINE`` or a value longer than the configured ``max_value`` never
+  grows a buffer without limit. A value over ``max_value`` (the item size limit) is skipped as
+  it arrives and reported as :class:`Oversized`; a length no memcached can send, or anything
+  malformed, raises :class:`~shardcache.errors.ProtocolError` (the connection must then be dropped).
 - **Staying in step**: after ``noreply`` commands the encoder's caller appends ``mn``
   (:data:`NOOP`); the parser consumes everything up to its ``MN`` (including any error memcached
   sends despite ``noreply``), so a later reply is never read as an earlier one's.
@@ -33,11 +35,21 @@ test suite runs against ``shardcache.Client``.
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Final
 
-from shardcache.errors import ArgumentError, KeyValidationError, ProtocolError
+from shardcache._replies import (
+    DEFAULT_MAX_VALUE,
+    MAX_LINE,
+    NEED_DATA,
+    ErrorReply,
+    Expect,
+    Meta,
+    Oversized,
+    ReplyParser,
+    Value,
+)
+from shardcache.errors import ArgumentError, KeyValidationError
 
 __all__ = [
     "DEFAULT_MAX_VALUE",
@@ -73,12 +85,10 @@ __all__ = [
 ]
 
 MAX_KEY_LENGTH: Final = 250
-MAX_LINE: Final = 64 * 1024  # a reply header or STAT line; memcached's are far shorter
-DEFAULT_MAX_VALUE: Final = 1024 * 1024  # memcached's default item size limit (-I 1m)
-_HARD_MAX_VALUE: Final = 1024 * 1024 * 1024  # memcached refuses -I over 1 GiB: a larger length is garbage
 _U32: Final = 2**32
 _U64: Final = 2**64
-_EXPIRE_MIN: Final = -(2**31)
+_I32_MIN: Final = -(2**31)
+_I32_MAX: Final = 2**31 - 1
 _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]").search
 _STAT_TOKEN = re.compile(rb"[\x21-\x7e]+").fullmatch
 
@@ -97,7 +107,13 @@ class KeyCodec:
 
     __slots__ = ("_encoding", "_hash_prefix", "prefix")
 
-    def __init__(self, prefix: bytes = b"", *, hash_prefix: bool = False, allow_unicode: bool = False) -> None:
+    def __init__(
+        self, prefix: bytes = b"", *, hash_prefix: bool = False, allow_unicode: bool = False
+    ) -> None:
+        if type(prefix) is not bytes:
+            if not isinstance(prefix, bytearray | memoryview):
+                raise ArgumentError(f"key prefix must be bytes, got {type(prefix).__name__}: {prefix!r}")
+            prefix = memoryview(prefix).tobytes()  # a bytearray prefix would make bytearray wire keys
         if len(prefix) >= MAX_KEY_LENGTH or _BAD_KEY_BYTE(prefix):
             raise ArgumentError(f"key prefix {prefix!r}: no whitespace or control characters, < 250 bytes")
         self.prefix = prefix
@@ -109,7 +125,7 @@ class KeyCodec:
         or encoding. bytearray and memoryview keys are copied to bytes."""
         if type(key) is str or isinstance(key, str):
             try:
-                return key.encode(self._encoding)  # type: ignore[union-attr]
+                return key.encode(self._encoding)
             except UnicodeEncodeError:
                 hint = ": pass allow_unicode_keys=True for UTF-8 keys" if self._encoding == "ascii" else ""
                 raise KeyValidationError(f"key {key!r} is not {self._encoding}{hint}") from None
@@ -130,6 +146,24 @@ class KeyCodec:
         if self._hash_prefix or not self.prefix:
             return wire
         return wire[len(self.prefix) :]
+
+
+def _checked_wire(wire: object) -> bytes:
+    """A wire key as :meth:`KeyCodec.wire` makes them, or ``KeyValidationError``."""
+    if type(wire) is not bytes or not wire or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+        if type(wire) is not bytes:
+            raise KeyValidationError(f"wire key must be bytes, got {type(wire).__name__}: {wire!r}")
+        raise KeyValidationError(_key_problem(wire, wire, wire))
+    return wire
+
+
+def _data_block(data: object) -> bytes:
+    """A value as bytes: its length on the command line must be the length of what follows."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return memoryview(data).tobytes()
+    raise ArgumentError(f"a value must be bytes, got {type(data).__name__}")
 
 
 def _key_problem(key: object, raw: bytes, wire: bytes) -> str:
@@ -154,9 +188,10 @@ def _integer(value: object, name: str, low: int, high: int) -> int:
 
 
 def check_expire(value: object, name: str = "expire") -> int:
-    """Seconds (<= 30 days), or a Unix time; negative means already expired. -2**31..2**32-1:
-    beyond that memcached's 32-bit clock wraps and the item would expire at an arbitrary time."""
-    return _integer(value, name, _EXPIRE_MIN, _U32 - 1)
+    """Seconds (<= 30 days), or a Unix time; negative means already expired. -2**31..2**31-1:
+    memcached parses it as a signed 32-bit number and silently wraps anything larger (2**31 and
+    up become negative, so the item would expire at once)."""
+    return _integer(value, name, _I32_MIN, _I32_MAX)
 
 
 def check_flags(value: object) -> int:
@@ -180,8 +215,10 @@ def check_delta(value: object, name: str = "delta") -> int:
 
 
 def check_delay(value: object, name: str = "delay") -> int:
-    """A flush_all delay in seconds, or a memory limit in megabytes: unsigned 32 bits."""
-    return _integer(value, name, 0, _U32 - 1)
+    """A flush_all delay: 0..2**31-1 (memcached parses it as a signed 32-bit number and wraps a
+    larger one to a negative delay, which flushes at once). Like an expire, a delay over 30 days
+    (2592000) is read by memcached as a Unix time, so one in the past also flushes at once."""
+    return _integer(value, name, 0, _I32_MAX)
 
 
 # -- encoders: the classic text protocol ------------------------------------------------------------
@@ -200,8 +237,9 @@ def store(
     cas: int | None = None,
 ) -> bytes:
     """``set``/``add``/``replace``/``append``/``prepend``/``cas`` of one item; numbers are checked."""
-    if command not in _STORE_COMMANDS:
+    if type(command) is not bytes or command not in _STORE_COMMANDS:
         raise ArgumentError(f"not a storage command: {command!r}")
+    wire, data = _checked_wire(wire), _data_block(data)
     flags = check_flags(flags)
     expire = check_expire(expire)
     if command == b"cas":
@@ -219,24 +257,27 @@ def retrieve(wires: Sequence[bytes], *, cas: bool = False, touch: int | None = N
     """``get``/``gets`` of one or more keys, or ``gat``/``gats`` with a new expiry (``touch``)."""
     if not wires:
         raise ArgumentError("a retrieval needs at least one key")
-    keys = b" ".join(wires)
+    keys = b" ".join([_checked_wire(wire) for wire in wires])
     if touch is None:
         return (b"gets " if cas else b"get ") + keys + b"\r\n"
     return b"%b %d %b\r\n" % (b"gats" if cas else b"gat", check_expire(touch, "expire"), keys)
 
 
 def delete(wire: bytes, *, noreply: bool = False) -> bytes:
-    return b"delete " + wire + (b" noreply\r\n" if noreply else b"\r\n")
+    return b"delete " + _checked_wire(wire) + (b" noreply\r\n" if noreply else b"\r\n")
 
 
 def incr_decr(wire: bytes, delta: object, *, decr: bool = False, noreply: bool = False) -> bytes:
     return b"%b %b %d%b\r\n" % (
-        b"decr" if decr else b"incr", wire, check_delta(delta), b" noreply" if noreply else b""
+        b"decr" if decr else b"incr",
+        _checked_wire(wire),
+        check_delta(delta),
+        b" noreply" if noreply else b"",
     )
 
 
 def touch(wire: bytes, expire: object, *, noreply: bool = False) -> bytes:
-    return b"touch %b %d%b\r\n" % (wire, check_expire(expire), b" noreply" if noreply else b"")
+    return b"touch %b %d%b\r\n" % (_checked_wire(wire), check_expire(expire), b" noreply" if noreply else b"")
 
 
 def version() -> bytes:
@@ -247,8 +288,8 @@ def stats(args: Iterable[object] = ()) -> bytes:
     """``stats [args]``: each argument must be one printable token (``"slabs"``, ``"items"``)."""
     tokens = []
     for arg in args:
-        token = arg.encode("ascii", "replace") if isinstance(arg, str) else arg
-        if not isinstance(token, bytes) or not _STAT_TOKEN(token) or len(token) > MAX_KEY_LENGTH:
+        token = arg.encode("utf-8", "surrogatepass") if isinstance(arg, str) else arg  # non-ASCII fails
+        if type(token) is not bytes or not _STAT_TOKEN(token) or len(token) > MAX_KEY_LENGTH:
             raise ArgumentError(f"stats argument must be one printable word, got {arg!r}")
         tokens.append(token)
     return b"stats" + b"".join(b" " + t for t in tokens) + b"\r\n"
@@ -259,7 +300,8 @@ def flush_all(delay: object = 0, *, noreply: bool = False) -> bytes:
 
 
 def cache_memlimit(megabytes: object) -> bytes:
-    return b"cache_memlimit %d\r\n" % check_delay(megabytes, "memlimit")
+    """``cache_memlimit``: megabytes, unsigned 32 bits (memcached refuses over 1,000,000 itself)."""
+    return b"cache_memlimit %d\r\n" % _integer(megabytes, "memlimit", 0, _U32 - 1)
 
 
 # -- encoders: the meta protocol (memcached >= 1.6) ---------------------------------------------------
@@ -280,7 +322,7 @@ def meta_get(
     """``mg``: return the value (``v``), CAS (``c``), client flags (``f``), remaining TTL (``t``),
     key (``k``); ``vivify`` (``N``: create an empty item on a miss, win flag), ``recache`` (``R``),
     ``new_ttl`` (``T``: touch)."""
-    out = [b"mg ", wire]
+    out = [b"mg ", _checked_wire(wire)]
     for on, token in ((value, b" v"), (cas, b" c"), (flags, b" f"), (ttl, b" t"), (key, b" k")):
         if on:
             out.append(token)
@@ -308,10 +350,10 @@ def meta_set(
     """``ms`` in ``mode`` (set/add/replace/append/prepend), compare-and-set with ``cas`` (``C``),
     ``invalidate`` (``I``: with ``cas``, store as stale if the item's CAS is newer), ``return_cas``
     (``c``). memcached discards the data block of a refused ``ms``, so it never runs as a command."""
-    try:
-        mode_token = _MS_MODES[mode]
-    except KeyError:
-        raise ArgumentError(f"meta set mode must be one of {', '.join(_MS_MODES)}, got {mode!r}") from None
+    mode_token = _MS_MODES.get(mode) if type(mode) is str else None
+    if mode_token is None:
+        raise ArgumentError(f"meta set mode must be one of {', '.join(_MS_MODES)}, got {mode!r}")
+    wire, data = _checked_wire(wire), _data_block(data)
     head = b"ms %b %d F%d T%d%b" % (wire, len(data), check_flags(flags), check_expire(ttl, "ttl"), mode_token)
     if cas is not None:
         head += b" C%d" % check_cas(cas)
@@ -322,10 +364,12 @@ def meta_set(
     return head + b"\r\n" + data + b"\r\n"
 
 
-def meta_delete(wire: bytes, *, cas: int | None = None, invalidate: bool = False, ttl: int | None = None) -> bytes:
+def meta_delete(
+    wire: bytes, *, cas: int | None = None, invalidate: bool = False, ttl: int | None = None
+) -> bytes:
     """``md``: delete, only if the CAS matches (``C``); ``invalidate`` (``I``) marks it stale instead,
     with a new ``ttl`` (``T``)."""
-    out = b"md " + wire
+    out = b"md " + _checked_wire(wire)
     if cas is not None:
         out += b" C%d" % check_cas(cas)
     if invalidate:
@@ -346,7 +390,7 @@ def meta_arithmetic(
 ) -> bytes:
     """``ma`` returning the new value: ``D`` delta, ``MD`` to decrement; with ``initial`` and
     ``vivify_ttl`` an absent counter is created at ``initial`` (``N``/``J``) in the same round trip."""
-    out = b"ma %b v D%d" % (wire, check_delta(delta))
+    out = b"ma %b v D%d" % (_checked_wire(wire), check_delta(delta))
     if decr:
         out += b" MD"
     if initial is not None:
@@ -357,342 +401,3 @@ def meta_arithmetic(
     if ttl is not None:
         out += b" T%d" % check_expire(ttl, "expire")
     return out + b"\r\n"
-
-
-# -- replies ----------------------------------------------------------------------------------------
-
-
-class Value(NamedTuple):
-    """One item of a ``get``/``gets``/``gat``/``gats`` reply. ``cas`` is None without ``gets``."""
-
-    key: bytes
-    flags: int
-    data: bytes
-    cas: int | None
-
-
-class Oversized(NamedTuple):
-    """An item whose value was longer than the parser's ``max_value``: skipped, not buffered."""
-
-    key: bytes
-    size: int
-
-
-class Meta(NamedTuple):
-    """A meta-command reply: ``status`` (``HD``, ``VA``, ``EN``, ``NF``, ``NS``, ``EX``, ``MN``),
-    its flags (``{b"c": b"123", b"W": b""}``), and the value for ``VA``."""
-
-    status: bytes
-    flags: dict[bytes, bytes]
-    data: bytes | None
-
-
-class ErrorReply(NamedTuple):
-    """``ERROR``, ``CLIENT_ERROR ...``, ``SERVER_ERROR ...`` or another refusal line.
-
-    ``fatal``: the connection can no longer be trusted (a command with a data block was refused,
-    so the data may have been read as commands, or memcached did not know the command) and must
-    be dropped after this reply.
-    """
-
-    kind: str
-    message: str
-    fatal: bool
-
-
-class Expect:
-    """What a request expects back; pass one to :meth:`ReplyParser.expect` per request sent."""
-
-    VALUES: Final = 0  # get/gets/gat/gats: VALUE ... END -> list[Value | Oversized]
-    STATUS: Final = 1  # storage, delete, touch: one status line -> bytes (b"STORED", ...)
-    NUMBER: Final = 2  # incr/decr: int, or b"NOT_FOUND"
-    META: Final = 3  # mg/ms/md/ma/mn -> Meta
-    STATS: Final = 4  # STAT name value ... END -> dict[bytes, bytes]
-    VERSION: Final = 5  # VERSION x -> bytes
-    OK: Final = 6  # flush_all, cache_memlimit: b"OK"
-    NOOP: Final = 7  # internal: everything up to MN after noreply commands; never returned
-
-
-NEED_DATA: Final = object()  # next() has no complete reply yet: feed more bytes
-
-_STATUS_LINES = frozenset(
-    (b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DELETED", b"TOUCHED")
-)
-_META_STATUSES = frozenset((b"HD", b"EN", b"NF", b"NS", b"EX", b"MN"))
-
-
-class ReplyParser:
-    """Incremental reply parser for one connection; not thread-safe (one connection, one user).
-
-    Call :meth:`expect` once per request sent (in order), :meth:`feed` with the bytes received,
-    and :meth:`next` until it returns :data:`NEED_DATA`. A malformed reply raises
-    :class:`~shardcache.errors.ProtocolError`; the parser (and its connection) is then unusable.
-    ``expect(kind, data_block=True)`` marks a text storage command: an error line in reply to it
-    is fatal (see :class:`ErrorReply`).
-
-    Memory is bounded: a value is buffered only up to ``max_value`` bytes (longer ones are
-    discarded as they arrive and reported as :class:`Oversized`), a line only up to ``MAX_LINE``.
-    """
-
-    __slots__ = ("_buf", "_data", "_expect", "_head", "_items", "_max_value", "_need", "_node", "_pos",
-                 "_ready", "_skip", "swallowed")  # fmt: skip
-
-    def __init__(self, *, max_value: int = DEFAULT_MAX_VALUE, node_id: str = "") -> None:
-        self._max_value = max_value
-        self._node = node_id
-        self._buf = b""
-        self._pos = 0
-        self._expect: deque[tuple[int, bool, Any]] = deque()
-        self._items: list[Value | Oversized] = []  # a get reply being read
-        # A value arriving across several feeds: (meta flags or None for get, key, flags, cas, size)
-        self._head: tuple[dict[bytes, bytes] | None, bytes, int, int | None, int] | None = None
-        self._data: list[bytes] = []
-        self._need = 0  # bytes of that value still to come (its CRLF included)
-        self._skip = 0  # bytes of an oversized value still to discard (its CRLF included)
-        self._ready: Any = None  # a meta reply completed by feed()
-        self.swallowed: list[ErrorReply] = []  # errors memcached sent despite noreply
-
-    # -- feeding --------------------------------------------------------------------------------
-
-    def expect(self, kind: int, data_block: bool = False, wanted: Any = None) -> None:
-        """One more reply to read. ``wanted`` (VALUES): the key, or a container of the keys, that
-        were asked for; a value for any other key means the stream is out of step (ProtocolError)."""
-        self._expect.append((kind, data_block, wanted))
-
-    @property
-    def pending(self) -> int:
-        """Replies expected and not yet returned (the ``mn`` after noreply commands included)."""
-        return len(self._expect)
-
-    def feed(self, data: bytes) -> None:
-        """Bytes received from the connection (``b""`` means the server closed it)."""
-        if not data:
-            raise self._error("connection closed by the server")
-        if self._skip:
-            if len(data) < self._skip:
-                self._skip -= len(data)
-                return
-            data = data[self._skip :]
-            self._skip = 0
-            self._end_value(None)
-        elif self._need:
-            if len(data) < self._need:
-                self._data.append(data)
-                self._need -= len(data)
-                return
-            self._data.append(data[: self._need])
-            data = data[self._need :]
-            self._need = 0
-            self._end_value(b"".join(self._data))
-            self._data = []
-        if not data:
-            return
-        buf, pos = self._buf, self._pos
-        self._buf = buf[pos:] + data if pos < len(buf) else data
-        self._pos = 0
-
-    # -- parsing --------------------------------------------------------------------------------
-
-    def next(self) -> Any:
-        """The next complete reply, or :data:`NEED_DATA`."""
-        while True:
-            if self._need or self._skip:
-                return NEED_DATA
-            if self._ready is not None:
-                reply, self._ready = self._ready, None
-                self._expect.popleft()
-                return reply
-            if not self._expect:
-                if self._pos < len(self._buf):
-                    raise self._error(f"unexpected bytes {self._buf[self._pos : self._pos + 40]!r}")
-                return NEED_DATA
-            kind, data_block, wanted = self._expect[0]
-            start = self._pos
-            if kind == 0:
-                reply = self._values(wanted)
-            elif kind == 7:
-                reply = self._noop()
-            else:
-                line = self._line()
-                reply = NEED_DATA if line is None else self._simple(kind, data_block, line)
-            if reply is NEED_DATA:
-                if kind == 4:
-                    self._pos = start  # a partial stats reply is parsed again when complete
-                return NEED_DATA
-            if reply is _NOOP_DONE:
-                self._expect.popleft()
-                continue
-            self._expect.popleft()
-            return reply
-
-    def _line(self) -> bytes | None:
-        buf = self._buf
-        end = buf.find(b"\r\n", self._pos)
-        if end < 0:
-            if len(buf) - self._pos > MAX_LINE:
-                raise self._error(f"a reply line longer than {MAX_LINE} bytes")
-            return None
-        line = buf[self._pos : end]
-        self._pos = end + 2
-        return line
-
-    def _simple(self, kind: int, data_block: bool, line: bytes) -> Any:
-        if kind == 1:
-            if line in _STATUS_LINES:
-                return line
-        elif kind == 2:
-            digits = line.rstrip(b" ")  # some memcached versions pad decr replies with spaces
-            if digits.isdigit():
-                if len(digits) > 20 or int(digits) >= _U64:
-                    raise self._error(f"counter value out of range {line[:32]!r}")
-                return int(digits)
-            if line == b"NOT_FOUND":
-                return line
-        elif kind == 3:
-            return self._meta(line)
-        elif kind == 4:
-            return self._stats(line)
-        elif kind == 5:
-            if line.startswith(b"VERSION "):
-                return line[8:]
-        elif kind == 6 and line == b"OK":
-            return line
-        return self._refusal(line, data_block)
-
-    def _refusal(self, line: bytes, data_block: bool) -> ErrorReply:
-        """An error line in place of a reply, or ProtocolError if it is not one."""
-        head, _, rest = line.partition(b" ")
-        message = rest.decode("utf-8", "replace")
-        if head == b"SERVER_ERROR":
-            return ErrorReply("SERVER_ERROR", message, False)
-        if head == b"CLIENT_ERROR":
-            return ErrorReply("CLIENT_ERROR", message, data_block)
-        if line == b"ERROR":
-            return ErrorReply("ERROR", "unknown command", True)
-        if head in (b"MEMLIMIT_TOO_SMALL", b"MEMLIMIT_ADJUST_FAILED"):
-            return ErrorReply(head.decode(), message, False)
-        raise self._error(f"unexpected reply {line[:40]!r}")
-
-    def _values(self, wanted: Any) -> Any:
-        items = self._items
-        while True:
-            line = self._line()
-            if line is None:
-                return NEED_DATA
-            if line == b"END":
-                self._items = []
-                return items
-            parts = line.split(b" ")
-            if parts[0] != b"VALUE" or len(parts) not in (4, 5):
-                if items:
-                    raise self._error(f"unexpected line in a get reply {line[:40]!r}")
-                return self._refusal(line, False)
-            key, size, flags = parts[1], _number(parts[3]), _number(parts[2])
-            cas = _number(parts[4]) if len(parts) == 5 else None
-            if size is None or flags is None or flags >= _U32 or (len(parts) == 5 and cas is None):
-                raise self._error(f"malformed value header {line[:60]!r}")
-            if cas is not None and cas >= _U64:
-                raise self._error(f"CAS unique out of range {line[:60]!r}")
-            if wanted is not None and key != wanted and (type(wanted) is bytes or key not in wanted):
-                raise self._error(f"a value for {key[:40]!r}, which was not asked for: out of step")
-            value = self._value(None, key, flags, cas, size)
-            if value is NEED_DATA:
-                return NEED_DATA
-            items.append(value)
-
-    def _value(self, meta: dict[bytes, bytes] | None, key: bytes, flags: int, cas: int | None, size: int) -> Any:
-        """The data of a value whose header was just read: the item, or NEED_DATA after arranging
-        for feed() to collect (or skip) the rest as it arrives."""
-        if size > _HARD_MAX_VALUE:
-            raise self._error(f"value length {size} announced for {key[:40]!r}: no memcached sends that")
-        buf, pos = self._buf, self._pos
-        stop = pos + size
-        if stop + 2 <= len(buf):
-            if buf[stop : stop + 2] != b"\r\n":
-                raise self._error(f"value of {key[:40]!r} not terminated by CRLF")
-            self._pos = stop + 2
-            if size > self._max_value:
-                return Oversized(key, size)
-            data = buf[pos:stop]
-            return Value(key, flags, data, cas) if meta is None else Meta(b"VA", meta, data)
-        rest = buf[pos:]
-        self._buf, self._pos = b"", 0
-        self._head = (meta, key, flags, cas, size)
-        if size > self._max_value:
-            self._skip = size + 2 - len(rest)
-        else:
-            self._data = [rest]
-            self._need = size + 2 - len(rest)
-        return NEED_DATA
-
-    def _end_value(self, data: bytes | None) -> None:
-        """The value collected by feed() is complete (``data`` ends with its CRLF; None: skipped)."""
-        assert self._head is not None
-        meta, key, flags, cas, size = self._head
-        self._head = None
-        if data is None:
-            item: Any = Oversized(key, size)
-        elif data[-2:] != b"\r\n":
-            raise self._error(f"value of {key[:40]!r} not terminated by CRLF")
-        else:
-            item = Value(key, flags, data[:-2], cas) if meta is None else Meta(b"VA", meta, data[:-2])
-        if meta is None:
-            self._items.append(item)
-        else:
-            self._ready = item
-
-    def _meta(self, line: bytes) -> Any:
-        parts = line.split(b" ")
-        status = parts[0]
-        if status == b"VA":
-            size = _number(parts[1]) if len(parts) > 1 else None
-            if size is None:
-                raise self._error(f"malformed meta value header {line[:60]!r}")
-            flags = _meta_flags(parts[2:])
-            return self._value(flags, flags.get(b"k", b""), 0, None, size)
-        if status in _META_STATUSES:
-            return Meta(status, _meta_flags(parts[1:]), None)
-        return self._refusal(line, False)
-
-    def _stats(self, line: bytes) -> Any:
-        found: dict[bytes, bytes] = {}
-        while True:
-            if line == b"END":
-                return found
-            head, _, rest = line.partition(b" ")
-            if head == b"STAT" or head == b"ITEM":
-                name, _, value = rest.partition(b" ")
-                found[name] = value
-            elif not found:
-                return self._refusal(line, False)
-            else:
-                raise self._error(f"unexpected line in a stats reply {line[:40]!r}")
-            next_line = self._line()
-            if next_line is None:
-                return NEED_DATA
-            line = next_line
-
-    def _noop(self) -> Any:
-        """Consume up to ``MN``; errors before it belong to noreply commands."""
-        while True:
-            line = self._line()
-            if line is None:
-                return NEED_DATA
-            if line == b"MN":
-                return _NOOP_DONE
-            self.swallowed.append(self._refusal(line, True))
-
-    def _error(self, message: str) -> ProtocolError:
-        node = self._node or "memcached"
-        return ProtocolError(f"memcached node {node}: {message}", self._node)
-
-
-_NOOP_DONE: Final = object()
-
-
-def _number(token: bytes) -> int | None:
-    return int(token) if token.isdigit() and len(token) <= 20 else None
-
-
-def _meta_flags(tokens: Sequence[bytes]) -> dict[bytes, bytes]:
-    return {token[:1]: token[1:] for token in tokens if token}

@@ -1,0 +1,392 @@
+"""memcached replies, sans I/O: the reply types and the incremental :class:`ReplyParser`.
+
+Split from :mod:`shardcache._protocol` (which re-exports every name here) so that encoding and
+parsing each fit in one module; see that module's docstring for the safety rules both follow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
+
+from shardcache.errors import ArgumentError, ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_VALUE",
+    "MAX_LINE",
+    "NEED_DATA",
+    "ErrorReply",
+    "Expect",
+    "Meta",
+    "Oversized",
+    "ReplyParser",
+    "Value",
+]
+
+MAX_LINE: Final = 64 * 1024  # a reply header or STAT line; memcached's are far shorter
+DEFAULT_MAX_VALUE: Final = 1024 * 1024  # memcached's default item size limit (-I 1m)
+_HARD_MAX_VALUE: Final = 1024 * 1024 * 1024  # memcached refuses -I over 1 GiB: a larger length is garbage
+_U32: Final = 2**32
+_U64: Final = 2**64
+
+
+# -- replies ----------------------------------------------------------------------------------------
+
+
+class Value(NamedTuple):
+    """One item of a ``get``/``gets``/``gat``/``gats`` reply. ``cas`` is None without ``gets``."""
+
+    key: bytes
+    flags: int
+    data: bytes
+    cas: int | None
+
+
+class Oversized(NamedTuple):
+    """An item whose value was longer than the parser's ``max_value``: skipped, not buffered."""
+
+    key: bytes
+    size: int
+
+
+class Meta(NamedTuple):
+    """A meta-command reply: ``status`` (``HD``, ``VA``, ``EN``, ``NF``, ``NS``, ``EX``, ``MN``),
+    its flags (``{b"c": b"123", b"W": b""}``), and the value for ``VA``."""
+
+    status: bytes
+    flags: dict[bytes, bytes]
+    data: bytes | None
+
+
+class ErrorReply(NamedTuple):
+    """``ERROR``, ``CLIENT_ERROR ...``, ``SERVER_ERROR ...`` or another refusal line.
+
+    ``fatal``: the connection can no longer be trusted (a command with a data block was refused,
+    so the data may have been read as commands, or memcached did not know the command) and must
+    be dropped after this reply.
+    """
+
+    kind: str
+    message: str
+    fatal: bool
+
+
+class Expect:
+    """What a request expects back; pass one to :meth:`ReplyParser.expect` per request sent."""
+
+    VALUES: Final = 0  # get/gat (gets/gats: CAS_VALUES): VALUE ... END -> list[Value | Oversized]
+    STATUS: Final = 1  # storage, delete, touch: one status line -> bytes (b"STORED", ...)
+    NUMBER: Final = 2  # incr/decr: int, or b"NOT_FOUND"
+    META: Final = 3  # mg/ms/md/ma/mn -> Meta
+    STATS: Final = 4  # STAT name value ... END -> dict[bytes, bytes]
+    VERSION: Final = 5  # VERSION x -> bytes
+    OK: Final = 6  # flush_all, cache_memlimit: b"OK"
+    NOOP: Final = 7  # internal: everything up to MN after noreply commands; never returned
+    CAS_VALUES: Final = 8  # gets/gats: as VALUES, and an item without its CAS is a ProtocolError
+
+
+_KINDS: Final = frozenset(v for k, v in vars(Expect).items() if k.isupper())
+NEED_DATA: Final = object()  # next() has no complete reply yet: feed more bytes
+
+_STATUS_LINES = frozenset((b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DELETED", b"TOUCHED"))
+_META_STATUSES = frozenset((b"HD", b"EN", b"NF", b"NS", b"EX", b"MN"))
+
+
+class ReplyParser:
+    """Incremental reply parser for one connection; not thread-safe (one connection, one user).
+
+    Call :meth:`expect` once per request sent (in order), :meth:`feed` with the bytes received,
+    and :meth:`next` until it returns :data:`NEED_DATA`. A malformed reply raises
+    :class:`~shardcache.errors.ProtocolError`; the parser (and its connection) is then unusable.
+    ``expect(kind, data_block=True)`` marks a text storage command: an error line in reply to it
+    is fatal (see :class:`ErrorReply`).
+
+    Memory is bounded: a value is buffered only up to ``max_value`` bytes (longer ones are
+    discarded as they arrive and reported as :class:`Oversized`), a line only up to ``MAX_LINE``.
+    """
+
+    __slots__ = ("_buf", "_data", "_expect", "_found", "_head", "_items", "_max_value", "_need", "_node",
+                 "_pos", "_ready", "_scan", "_skip", "swallowed")  # fmt: skip
+
+    def __init__(self, *, max_value: int = DEFAULT_MAX_VALUE, node_id: str = "") -> None:
+        if type(max_value) is not int or not 0 <= max_value <= _HARD_MAX_VALUE:
+            raise ArgumentError(f"max_value={max_value!r}: an int of bytes, 0..{_HARD_MAX_VALUE}")
+        self._max_value = max_value
+        self._node = node_id
+        self._buf = bytearray()  # received and not yet parsed from _pos on; grows by appending
+        self._pos = 0
+        self._scan = 0  # no CRLF in _buf[_pos:_scan]: where the search for the next line resumes
+        self._expect: deque[tuple[int, bool, Any]] = deque()
+        self._items: list[Value | Oversized] = []  # a get reply being read
+        self._found: dict[bytes, bytes] = {}  # a stats reply being read
+        # A value arriving across several feeds: (meta flags or None for get, key, flags, cas, size)
+        self._head: tuple[dict[bytes, bytes] | None, bytes, int, int | None, int] | None = None
+        self._data: list[bytes] = []
+        self._need = 0  # bytes of that value still to come (its CRLF included)
+        self._skip = 0  # bytes of an oversized value still to discard (then _need collects its CRLF)
+        self._ready: Any = None  # a meta reply completed by feed()
+        self.swallowed: list[ErrorReply] = []  # errors memcached sent despite noreply
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def expect(self, kind: int, data_block: bool = False, wanted: Any = None) -> None:
+        """One more reply to read. ``wanted`` (VALUES): the key, or a container of the keys, that
+        were asked for; a value for any other key means the stream is out of step (ProtocolError)."""
+        if kind not in _KINDS:
+            raise ArgumentError(f"not an Expect kind: {kind!r}")
+        self._expect.append((kind, data_block, wanted))
+
+    @property
+    def pending(self) -> int:
+        """Replies expected and not yet returned (the ``mn`` after noreply commands included)."""
+        return len(self._expect)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes received from the connection (``b""`` means the server closed it)."""
+        if not data:
+            raise self._error("connection closed by the server")
+        if self._skip:
+            if len(data) < self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip :]
+            self._skip = 0  # _need is still 2: the CRLF after the discarded bytes
+        if self._need:
+            if len(data) < self._need:
+                self._data.append(data)
+                self._need -= len(data)
+                return
+            self._data.append(data[: self._need])
+            data = data[self._need :]
+            self._need = 0
+            self._end_value(b"".join(self._data))
+            self._data = []
+        if not data:
+            return
+        buf, pos = self._buf, self._pos
+        if pos and pos * 2 >= len(buf):  # drop what was parsed once it is most of the buffer
+            del buf[:pos]
+            self._pos, self._scan = 0, max(self._scan - pos, 0)
+        buf += data
+
+    # -- parsing --------------------------------------------------------------------------------
+
+    def next(self) -> Any:
+        """The next complete reply, or :data:`NEED_DATA`."""
+        while True:
+            if self._need or self._skip:
+                return NEED_DATA
+            if self._ready is not None:
+                reply, self._ready = self._ready, None
+                self._expect.popleft()
+                return reply
+            if not self._expect:
+                if self._pos < len(self._buf):
+                    raise self._error(f"unexpected bytes {bytes(self._buf[self._pos : self._pos + 40])!r}")
+                return NEED_DATA
+            kind, data_block, wanted = self._expect[0]
+            if kind in (Expect.VALUES, Expect.CAS_VALUES):
+                reply = self._values(wanted, kind == Expect.CAS_VALUES)
+            elif kind == Expect.NOOP:
+                reply = self._noop()
+            else:
+                line = self._line()
+                reply = NEED_DATA if line is None else self._simple(kind, data_block, line)
+            if reply is NEED_DATA:
+                return NEED_DATA
+            if reply is _NOOP_DONE:
+                self._expect.popleft()
+                continue
+            self._expect.popleft()
+            return reply
+
+    def _line(self) -> bytes | None:
+        buf = self._buf
+        end = buf.find(b"\r\n", max(self._pos, self._scan))
+        # The same limit whether or not the CRLF has arrived yet (a buffered "\r" may be half of it),
+        # so a reply is accepted or refused the same way however the bytes were split.
+        if (end if end >= 0 else len(buf) - 1) - self._pos > MAX_LINE:
+            raise self._error(f"a reply line longer than {MAX_LINE} bytes")
+        if end < 0:
+            self._scan = max(len(buf) - 1, self._pos)  # a final "\r" may be half of the CRLF
+            return None
+        line = bytes(buf[self._pos : end])
+        self._pos = self._scan = end + 2
+        return line
+
+    def _simple(self, kind: int, data_block: bool, line: bytes) -> Any:
+        if kind == Expect.STATUS:
+            if line in _STATUS_LINES:
+                return line
+        elif kind == Expect.NUMBER:
+            digits = line.rstrip(b" ")  # some memcached versions pad decr replies with spaces
+            if digits.isdigit():
+                if len(digits) > 20 or int(digits) >= _U64:
+                    raise self._error(f"counter value out of range {line[:32]!r}")
+                return int(digits)
+            if line == b"NOT_FOUND":
+                return line
+        elif kind == Expect.META:
+            return self._meta(line)
+        elif kind == Expect.STATS:
+            return self._stats(line)
+        elif kind == Expect.VERSION:
+            if line.startswith(b"VERSION "):
+                return line[8:]
+        elif kind == Expect.OK and line == b"OK":
+            return line
+        return self._refusal(line, data_block)
+
+    def _refusal(self, line: bytes, data_block: bool) -> ErrorReply:
+        """An error line in place of a reply, or ProtocolError if it is not one."""
+        head, _, rest = line.partition(b" ")
+        message = rest.decode("utf-8", "replace")
+        if head == b"SERVER_ERROR":
+            return ErrorReply("SERVER_ERROR", message, False)
+        if head == b"CLIENT_ERROR":
+            return ErrorReply("CLIENT_ERROR", message, data_block)
+        if line == b"ERROR":
+            return ErrorReply("ERROR", "unknown command", True)
+        if head in (b"MEMLIMIT_TOO_SMALL", b"MEMLIMIT_ADJUST_FAILED"):
+            return ErrorReply(head.decode(), message, False)
+        raise self._error(f"unexpected reply {line[:40]!r}")
+
+    def _values(self, wanted: Any, with_cas: bool) -> Any:
+        items = self._items
+        while True:
+            line = self._line()
+            if line is None:
+                return NEED_DATA
+            if line == b"END":
+                self._items = []
+                return items
+            parts = line.split(b" ")
+            if parts[0] != b"VALUE" or len(parts) not in (4, 5):
+                if items:
+                    raise self._error(f"unexpected line in a get reply {line[:40]!r}")
+                return self._refusal(line, False)
+            key, flags, cas, size = self._value_header(line, parts, with_cas)
+            if wanted is not None and key != wanted and (type(wanted) is bytes or key not in wanted):
+                raise self._error(f"a value for {key[:40]!r}, which was not asked for: out of step")
+            if type(wanted) is bytes and items:
+                raise self._error(f"a second value for {key[:40]!r} in a one-key get: out of step")
+            value = self._value(None, key, flags, cas, size)
+            if value is NEED_DATA:
+                return NEED_DATA
+            items.append(value)
+
+    def _value_header(
+        self, line: bytes, parts: list[bytes], with_cas: bool
+    ) -> tuple[bytes, int, int | None, int]:
+        """``(key, flags, cas, size)`` of ``VALUE <key> <flags> <size> [<cas>]``."""
+        size, flags = _number(parts[3]), _number(parts[2])
+        cas = _number(parts[4]) if len(parts) == 5 else None
+        if size is None or flags is None or flags >= _U32 or (len(parts) == 5 and cas is None):
+            raise self._error(f"malformed value header {line[:60]!r}")
+        if cas is None and with_cas:
+            raise self._error(f"no CAS unique in a gets/gats reply {line[:60]!r}")
+        if cas is not None and cas >= _U64:
+            raise self._error(f"CAS unique out of range {line[:60]!r}")
+        return parts[1], flags, cas, size
+
+    def _value(
+        self, meta: dict[bytes, bytes] | None, key: bytes, flags: int, cas: int | None, size: int
+    ) -> Any:
+        """The data of a value whose header was just read: the item, or NEED_DATA after arranging
+        for feed() to collect (or skip) the rest as it arrives."""
+        if size > _HARD_MAX_VALUE:
+            raise self._error(f"value length {size} announced for {key[:40]!r}: no memcached sends that")
+        buf, pos = self._buf, self._pos
+        stop = pos + size
+        if stop + 2 <= len(buf):
+            if buf[stop : stop + 2] != b"\r\n":
+                raise self._error(f"value of {key[:40]!r} not terminated by CRLF")
+            self._pos = stop + 2
+            if size > self._max_value:
+                return Oversized(key, size)
+            data = bytes(buf[pos:stop])
+            return Value(key, flags, data, cas) if meta is None else Meta(b"VA", meta, data)
+        rest = bytes(buf[pos:])
+        self._buf, self._pos, self._scan = bytearray(), 0, 0
+        self._head = (meta, key, flags, cas, size)
+        if size > self._max_value:
+            self._skip = max(size - len(rest), 0)
+            rest = rest[size:]  # whatever part of the CRLF already arrived
+        self._data = [rest]
+        self._need = size + 2 - len(rest) if size <= self._max_value else 2 - len(rest)
+        return NEED_DATA
+
+    def _end_value(self, data: bytes) -> None:
+        """The value collected by feed() is complete: ``data`` ends with its CRLF (and is only
+        the CRLF for an oversized value, whose bytes were skipped)."""
+        assert self._head is not None
+        meta, key, flags, cas, size = self._head
+        self._head = None
+        if data[-2:] != b"\r\n":
+            raise self._error(f"value of {key[:40]!r} not terminated by CRLF")
+        if size > self._max_value:
+            item: Any = Oversized(key, size)
+        else:
+            item = Value(key, flags, data[:-2], cas) if meta is None else Meta(b"VA", meta, data[:-2])
+        if meta is None:
+            self._items.append(item)
+        else:
+            self._ready = item
+
+    def _meta(self, line: bytes) -> Any:
+        parts = line.split(b" ")
+        status = parts[0]
+        if status == b"VA":
+            size = _number(parts[1]) if len(parts) > 1 else None
+            if size is None:
+                raise self._error(f"malformed meta value header {line[:60]!r}")
+            flags = _meta_flags(parts[2:])
+            return self._value(flags, flags.get(b"k", b""), 0, None, size)
+        if status in _META_STATUSES:
+            return Meta(status, _meta_flags(parts[1:]), None)
+        return self._refusal(line, False)
+
+    def _stats(self, line: bytes) -> Any:
+        found = self._found
+        while True:
+            if line == b"END":
+                self._found = {}
+                return found
+            head, _, rest = line.partition(b" ")
+            if head in (b"STAT", b"ITEM"):
+                name, _, value = rest.partition(b" ")
+                found[name] = value
+            elif not found:
+                return self._refusal(line, False)
+            else:
+                raise self._error(f"unexpected line in a stats reply {line[:40]!r}")
+            next_line = self._line()
+            if next_line is None:
+                return NEED_DATA
+            line = next_line
+
+    def _noop(self) -> Any:
+        """Consume up to ``MN``; errors before it belong to noreply commands."""
+        while True:
+            line = self._line()
+            if line is None:
+                return NEED_DATA
+            if line == b"MN":
+                return _NOOP_DONE
+            self.swallowed.append(self._refusal(line, True))
+
+    def _error(self, message: str) -> ProtocolError:
+        node = self._node or "memcached"
+        return ProtocolError(f"memcached node {node}: {message}", self._node)
+
+
+_NOOP_DONE: Final = object()
+
+
+def _number(token: bytes) -> int | None:
+    return int(token) if token.isdigit() and len(token) <= 20 else None
+
+
+def _meta_flags(tokens: Sequence[bytes]) -> dict[bytes, bytes]:
+    return {token[:1]: token[1:] for token in tokens if token}
