@@ -80,13 +80,14 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
     topology = core.topology
     plan = core.router.plan(topology, hashed, CallKind.READ, what)
     jobs: dict[str, tuple[Node, Job]] = {}
+    expect = Expect.CAS_VALUES if with_cas else Expect.VALUES
     for node_id, group in plan.groups.items():
         wires = list(group)
         chunks = [wires[i : i + _KEYS_PER_GET] for i in range(0, len(wires), _KEYS_PER_GET)]
         payload = b"".join(proto.retrieve(chunk, cas=with_cas) for chunk in chunks)
         jobs[node_id] = (
             plan.targets[node_id],
-            (payload, [(Expect.VALUES, False, frozenset(c)) for c in chunks]),
+            (payload, [(expect, False, frozenset(c)) for c in chunks]),
         )
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}

@@ -241,7 +241,9 @@ def _gets_once(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
             return UNAVAILABLE
         target = decision.target
     try:
-        reply = yield Call(target, proto.retrieve([wire], cas=True), Expect.VALUES, "gets", key, wanted=wire)
+        reply = yield Call(
+            target, proto.retrieve([wire], cas=True), Expect.CAS_VALUES, "gets", key, wanted=wire
+        )
     except NodeError as err:
         core.failed(target, err, kind, None)
         return UNAVAILABLE

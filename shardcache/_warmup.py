@@ -26,7 +26,7 @@ from shardcache import _protocol as proto
 from shardcache._flows import Fanout, Flow, Job
 from shardcache._protocol import Expect, Meta
 from shardcache._topology import Node, Topology
-from shardcache.errors import NodeError
+from shardcache.errors import ArgumentError, NodeError
 from shardcache.health import UP
 
 if TYPE_CHECKING:
@@ -83,12 +83,16 @@ def _warm_once(
     }, {node_id: len(wires) for node_id, wires in sources.items()}, "warm-up read")  # fmt: skip
     values = {_key(r): r for r in replies if r.status == b"VA" and _key(r) in owner_of}
     copies: dict[str, list[bytes]] = {}
-    for wire, reply in values.items():
+    for wire, reply in list(values.items()):
         ttl = _number(reply, b"t")
-        payload = proto.meta_set(
-            wire, reply.data or b"", flags=_number(reply, b"f"), ttl=0 if ttl < 0 else max(ttl, 1),
-            mode="add", return_cas=True,
-        )  # fmt: skip
+        try:
+            payload = proto.meta_set(
+                wire, reply.data or b"", flags=_number(reply, b"f"), ttl=0 if ttl < 0 else max(ttl, 1),
+                mode="add", return_cas=True,
+            )  # fmt: skip
+        except ArgumentError:  # flags or TTL out of range: not something memcached sends; not copied
+            del values[wire]
+            continue
         copies.setdefault(owner_of[wire].node_id, []).append(payload)
     stored: dict[bytes, int] = {}
     order = {node_id: [w for w in values if owner_of[w].node_id == node_id] for node_id in copies}
@@ -96,7 +100,7 @@ def _warm_once(
                                          {n: len(p) for n, p in copies.items()}, "warm-up copy")  # fmt: skip
     for node_id, node_replies in results.items():
         for wire, reply in zip(order[node_id], node_replies, strict=True):
-            if reply.status == b"HD":
+            if type(reply) is Meta and reply.status == b"HD":
                 stored[wire] = _number(reply, b"c")
     # Re-read the previous owners: a writer may have deleted or replaced the value meanwhile.
     recheck = {node_id: [w for w in wires if w in stored] for node_id, wires in sources.items()}
@@ -161,24 +165,24 @@ def _fanout(
 ) -> Flow[list[Meta]]:
     """Meta requests to several nodes at once: every node's well-formed replies, in one list."""
     results = yield from _fanout_by_node(nodes, payloads, counts, what)
-    return [reply for replies in results.values() for reply in replies]
+    return [reply for replies in results.values() for reply in replies if type(reply) is Meta]
 
 
 def _fanout_by_node(
     nodes: dict[str, Node], payloads: dict[str, bytes], counts: dict[str, int], what: str
-) -> Flow[dict[str, list[Meta]]]:
-    """``{node_id: replies}`` for the nodes that answered without an error; a node that failed (the
-    executor has reported it) or refused (an error reply) gives nothing: warm-up is best-effort."""
+) -> Flow[dict[str, list[Any]]]:
+    """``{node_id: replies}`` for the nodes that answered; a node that failed (the executor has
+    reported it) gives nothing. A reply that is not a ``Meta`` (an error, an oversized value) spoils
+    only its own key: warm-up is best-effort."""
     jobs: dict[str, tuple[Node, Job]] = {
         node_id: (nodes[node_id], (payload, [_META] * counts[node_id]))
         for node_id, payload in payloads.items()
     }
     results = yield Fanout(jobs, what)
-    answered: dict[str, list[Meta]] = {}
+    answered: dict[str, list[Any]] = {}
     for node_id, result in results.items():
-        if isinstance(result, NodeError) or any(type(r) is not Meta for r in result):
-            continue
-        answered[node_id] = result
+        if not isinstance(result, NodeError):
+            answered[node_id] = result
     return answered
 
 
