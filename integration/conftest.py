@@ -8,8 +8,12 @@ unless it sets its own). The backend comes from ``SHARDCACHE_TEST_BACKEND``:
 - ``process``: local ``memcached`` processes (tools/setup-memcached.sh installs the binary);
 - ``auto`` (default): docker when an engine answers and the image exists, else process.
 
+CI sets ``SHARDCACHE_EXPECT_BACKEND`` (``docker`` or ``process``) to the backend a phase must end up
+on; a smoke test in test_infrastructure.py checks it, so a silent fallback fails the phase.
+
 Fixtures:
 
+- ``requested_backend`` (session): ``SHARDCACHE_TEST_BACKEND``: ``"auto"``, ``"docker"`` or ``"process"``.
 - ``cluster_backend`` (session): the backend actually used, ``"docker"`` or ``"process"``.
 - ``cluster`` (session): a :class:`~shardcache.testing.LocalCluster` of 3 nodes shared by all tests.
   Every test that uses it starts with all nodes flushed; a test that leaves a node stopped or
@@ -63,9 +67,15 @@ def _requested_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def cluster_backend() -> str:
+def requested_backend() -> str:
+    """SHARDCACHE_TEST_BACKEND, validated: ``"auto"`` (default), ``"docker"`` or ``"process"``."""
+    return _requested_backend()
+
+
+@pytest.fixture(scope="session")
+def cluster_backend(requested_backend: str) -> str:
     """``"docker"`` or ``"process"``: what SHARDCACHE_TEST_BACKEND resolves to on this machine."""
-    requested = _requested_backend()
+    requested = requested_backend
     if requested == "process":
         return "process"
     reason = docker_unavailable_reason()

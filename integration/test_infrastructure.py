@@ -6,6 +6,7 @@ trusted. Timing is asserted only as lower bounds.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from shardcache.testing import (
     LocalCluster,
     MemcachedNode,
     ProcessNode,
+    docker_unavailable_reason,
     make_self_signed_cert,
     probe_version,
 )
@@ -68,6 +70,25 @@ def test_each_node_answers_set_and_get_and_keeps_its_own_data(
         assert c.set("books/321", f"page from node {i}".encode()) is True
     for i, c in enumerate(clients):
         assert c.get("books/321") == f"page from node {i}".encode()
+
+
+@pytest.mark.smoke
+def test_cluster_runs_on_the_backend_this_run_expects(
+    cluster: LocalCluster, cluster_backend: str, requested_backend: str
+) -> None:
+    """SHARDCACHE_EXPECT_BACKEND (set by .ci/run) names the backend this run must use; without it,
+    ``auto`` must pick docker exactly when the probe finds an engine with the image."""
+    expected = os.environ.get("SHARDCACHE_EXPECT_BACKEND", "").strip().lower()
+    if expected:
+        assert expected in ("docker", "process"), f"SHARDCACHE_EXPECT_BACKEND={expected!r}"
+    elif requested_backend == "auto":
+        expected = "docker" if docker_unavailable_reason() is None else "process"
+    else:
+        expected = requested_backend
+    assert (cluster_backend, cluster.backend) == (expected, expected), (
+        f"SHARDCACHE_TEST_BACKEND={requested_backend} ran on {cluster.backend}, expected {expected} "
+        f"(Docker probe: {docker_unavailable_reason() or 'engine and image available'})"
+    )
 
 
 def test_session_cluster_is_flushed_between_tests_part1(cluster: LocalCluster, client: MakeClient) -> None:

@@ -7,6 +7,8 @@ has a timeout, so a dead or hung node costs about one timeout, never a stuck com
 
 Output is a rich table for people, or one JSON document with ``--json`` (keys documented in
 docs/cli.md). Errors go to stderr. Exit codes: 0 ok, 1 a node is down, 2 usage or configuration error.
+rich is the ``cli`` extra, imported when a command runs: without it every command exits 2 with
+``pip install 'shardcache[cli]'``.
 
 Only the public API (``import shardcache``) is used, as for any other integration.
 """
@@ -26,18 +28,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import shardcache
+
+if TYPE_CHECKING:  # rich is the optional 'cli' extra: imported when the command runs
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 __all__ = ["main"]
 
 ENV_SERVERS = "SHARDCACHE_SERVERS"
 EXIT_OK, EXIT_NODE_DOWN, EXIT_USAGE = 0, 1, 2
+_CLI_HINT = "pip install 'shardcache[cli]'"
 _PLOT_HINT = "pip install 'shardcache[plot]'"
 _MAX_WORKERS = 32
 _NON_TTY_WIDTH = 200
@@ -228,6 +232,10 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _console() -> Console:
+    try:
+        from rich.console import Console  # noqa: PLC0415  (optional dependency: the 'cli' extra)
+    except ImportError:
+        raise UsageError(f"the shardcache command needs rich: {_CLI_HINT}") from None
     console = Console(file=sys.stdout, highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         # Piped output: don't squeeze tables into 80 columns.
@@ -268,8 +276,10 @@ def _duration(seconds: int | None) -> str:
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
-_UP = Text("up", style="green")
-_DOWN = Text("DOWN", style="bold red")
+def _status(up: bool) -> Text:
+    from rich.text import Text  # noqa: PLC0415  (optional dependency, loaded by _console() already)
+
+    return Text("up", style="green") if up else Text("DOWN", style="bold red")
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]) -> Table:
@@ -277,6 +287,9 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str | Tex
 
     A column title starting with ``>`` is right-aligned; ``Node``, ``From`` and ``To`` never wrap.
     """
+    from rich.table import Table  # noqa: PLC0415  (optional dependency, loaded by _console() already)
+    from rich.text import Text  # noqa: PLC0415
+
     table = Table(title=Text(title))
     for column in columns:
         name = column.lstrip(">")
@@ -575,7 +588,7 @@ def _print_nodes(
     down = any(not row["up"] for row in nodes.values())
     rows: list[list[str | Text]] = []
     for node, row in nodes.items():
-        cells_row: list[str | Text] = [node, _UP if row["up"] else _DOWN]
+        cells_row: list[str | Text] = [node, _status(row["up"])]
         cells_row += cells(row) if row["up"] else ["-"] * len(columns)
         rows.append(cells_row + ([row["error"] or ""] if down else []))
     console.print(_table(title, ["Node", "Status", *columns] + (["Error"] if down else []), rows))

@@ -255,6 +255,51 @@ def test_plot_without_matplotlib_exits_2_with_the_install_hint(
     assert not path.exists()
 
 
+# -- without the 'cli' extra (rich) -----------------------------------------------------------------
+
+_RICH_MODULES = ("rich", "rich.console", "rich.table", "rich.text")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["locate", "books/321"], ["--json", "locate", "books/321"], ["plan", "--add", "x:1"], ["ping"]],
+)
+def test_without_rich_every_command_exits_2_naming_the_cli_extra(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    for module in _RICH_MODULES:
+        monkeypatch.setitem(sys.modules, module, None)  # makes importing it raise ImportError
+    code, out, err = run(capsys, "--servers", SERVERS, *command)
+    assert code == 2
+    assert out == ""
+    assert err == "shardcache: error: the shardcache command needs rich: pip install 'shardcache[cli]'\n"
+
+
+def test_cli_imports_and_shows_help_without_rich() -> None:
+    script = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({_RICH_MODULES!r}))\n"
+        "from shardcache.cli import main\n"
+        "code = main(['--help'])\n"
+        "assert not any(sys.modules.get(m) for m in sys.modules if m.split('.')[0] == 'rich')\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: shardcache")
+
+
+def test_importing_the_cli_does_not_import_rich() -> None:
+    script = "import sys, shardcache.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'rich'))"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.strip() == "[]"
+
+
 # -- usage errors -----------------------------------------------------------------------------------
 
 

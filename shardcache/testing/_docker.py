@@ -10,9 +10,12 @@ import contextlib
 import importlib
 import os
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from shardcache.testing._nodes import LOCALHOST, STOP_TIMEOUT_S, MemcachedNode, ServerSetupError
 
@@ -37,12 +40,76 @@ def _import_docker_container() -> Any:
     return module.DockerContainer
 
 
+_DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+_MAX_STATUS_LINE = 8192
+
+
+def _unix_socket_path(docker_host: str) -> str | None:
+    """The socket path of a ``unix://`` Docker host (empty means the default), None for other schemes."""
+    docker_host = docker_host.strip() or _DEFAULT_DOCKER_HOST
+    if not docker_host.startswith("unix://"):
+        return None
+    return "/" + docker_host[len("unix://") :].lstrip("/")
+
+
+def _http_status(socket_path: str, target: str, deadline: float) -> int:
+    """``GET target`` from the Docker API on a unix socket; return the HTTP status code.
+
+    One connection per request, closed on every path. (docker-py's ``UnixHTTPConnection.connect``
+    leaves its socket open when ``connect`` fails -- docker/docker-py#3356 -- and the unclosed
+    socket surfaces later, in whichever test triggers the garbage collection.)
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.connect(socket_path)
+        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: docker\r\n\r\n".encode("ascii"))
+        head = b""
+        while b"\r\n" not in head:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply to GET {target}")
+            sock.settimeout(left)
+            chunk = sock.recv(1024)
+            if not chunk:
+                raise ConnectionError(f"connection closed without a reply to GET {target}")
+            head += chunk
+            if len(head) > _MAX_STATUS_LINE:
+                raise ConnectionError(f"no HTTP status line in the reply to GET {target}")
+    status_line = head.split(b"\r\n", 1)[0]
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ConnectionError(f"not an HTTP reply to GET {target}: {status_line[:80]!r}")
+    return int(parts[1])
+
+
+def _unix_unavailable_reason(socket_path: str, image: str, timeout_s: float) -> str | None:
+    where = f"unix://{socket_path}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        status = _http_status(socket_path, "/_ping", deadline)
+        if status != 200:
+            return f"the Docker engine at {where} answered /_ping with HTTP {status}"
+        status = _http_status(socket_path, f"/images/{quote(image, safe='/:@')}/json", deadline)
+    except OSError as exc:  # refused, no such socket, permission, timeout, closed, not HTTP
+        return f"no Docker engine answers at {where} ({type(exc).__name__}: {exc})"
+    if status == 404:
+        return f"image {image} is not present locally (run tools/setup-docker.sh)"
+    if status != 200:
+        return f"the Docker engine at {where} answered HTTP {status} for image {image}"
+    return None
+
+
 def docker_unavailable_reason(image: str = DEFAULT_IMAGE, timeout_s: float = 10.0) -> str | None:
     """None if a Docker engine answers and ``image`` exists locally, else why not (bounded in time).
 
-    Uses the docker SDK when installed (it comes with testcontainers), else the ``docker`` CLI.
-    Thread-safe.
+    A ``unix://`` engine (``DOCKER_HOST``, default ``unix:///var/run/docker.sock``) is asked
+    directly over its socket, with the standard library only; any other ``DOCKER_HOST`` through
+    the docker SDK when installed (it comes with testcontainers), else the ``docker`` CLI.
+    Every connection is closed before returning. Thread-safe.
     """
+    socket_path = _unix_socket_path(os.environ.get("DOCKER_HOST", ""))
+    if socket_path is not None:
+        return _unix_unavailable_reason(socket_path, image, timeout_s)
     try:
         docker_sdk: Any = importlib.import_module("docker")
     except ImportError:
@@ -50,7 +117,7 @@ def docker_unavailable_reason(image: str = DEFAULT_IMAGE, timeout_s: float = 10.
     if docker_sdk is not None:
         try:
             client = docker_sdk.from_env(timeout=max(1, round(timeout_s)))
-        except Exception as exc:  # DockerException: no socket, bad DOCKER_HOST, ...
+        except Exception as exc:  # DockerException: bad DOCKER_HOST, no engine answers, ...
             return f"no Docker engine answers ({exc})"
         try:
             client.ping()
