@@ -262,6 +262,7 @@ class NodePool:
         "_idle_timeout",
         "_max_idle",
         "_on_connect",
+        "_retired",
         "_settings",
         "node_id",
         "spec",
@@ -277,6 +278,7 @@ class NodePool:
         self._settings = settings
         self._idle: deque[tuple[Connection, float]] = deque()
         self._generation = 0  # bumped by close(): connections made before it are not kept
+        self._retired = False  # its node left the ring: nothing is kept any more
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         _pools.add(self)
@@ -305,6 +307,7 @@ class NodePool:
         ``mn`` is queued behind its noreply commands)."""
         if (
             conn.generation != self._generation  # in use when the pool was closed: out of date
+            or self._retired
             or (self._max_idle is not None and len(self._idle) >= self._max_idle)
         ):
             conn.close()
@@ -330,6 +333,13 @@ class NodePool:
             except IndexError:
                 return
             conn.close()
+
+    def retire(self) -> None:
+        """Close for good (the node left the ring): a request still in flight on an old topology
+        snapshot may use it, but closes its connection when done, so no socket is left in a pool
+        nobody will close again."""
+        self._retired = True
+        self.close()
 
     def __del__(self) -> None:
         self.close()

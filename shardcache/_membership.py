@@ -43,6 +43,7 @@ class Membership:
         self._events = events
         self._change_lock = threading.Lock()
         self._window_timer: threading.Timer | None = None
+        self._retiring: list[Node] = []  # nodes removed with a window: retired when it ends
         self.topology: Topology = Topology(ring, {})  # replaced below, once the prober exists
         self.prober = Prober(lambda: self.topology, run, events)
         nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
@@ -115,18 +116,22 @@ class Membership:
                 dict(current.nodes) if window else None,
                 self._options.clock() + window_s if window else 0.0,
             )
-            if self._window_timer is not None:
-                self._window_timer.cancel()
-            self._window_timer = None
             retired = [current.nodes[n] for n in removed]
+            if self._window_timer is not None:  # a window cut short: its removed nodes go now too
+                self._window_timer.cancel()
+                retired += self._retiring
+            self._window_timer = None
+            self._retiring = []
             if window:
                 timer = threading.Timer(window_s, self._end_window, args=(self.topology, retired))
                 timer.daemon = True
                 self._window_timer = timer
+                self._retiring = retired
                 timer.start()
             else:
                 for node in retired:
-                    node.pool.close()
+                    if nodes.get(node.node_id) is not node:
+                        node.pool.retire()
         for node_id in added:
             self._events.emit(Event("node_added", node_id, f"warm-up {window_s:g}s" if window else ""))
         for node_id in removed:
@@ -140,9 +145,10 @@ class Membership:
                     topology.ring, topology.nodes, topology.gutter_ring, topology.gutter_nodes
                 )
                 self._window_timer = None
+                self._retiring = []
         for node in retired:
-            if node.node_id not in self.topology.nodes:
-                node.pool.close()
+            if self.topology.nodes.get(node.node_id) is not node:
+                node.pool.retire()
 
     def close(self) -> None:
         """Stop the prober and the window timer, close every idle connection. The client stays
