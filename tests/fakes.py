@@ -481,7 +481,8 @@ class Cluster:
         """The server answers again (with the data it held) and its probe is due."""
         self.servers[node_id].down = False
         self.servers[node_id].hang = False
-        self.clock.advance(self.options.health.max_retry_interval_s * 2)
+        wait = self.node(node_id).health.seconds_until_probe()
+        self.clock.advance(0.0 if wait is None else wait)
 
     def prober_pass(self) -> None:
         """What one pass of the prober thread does: probe DOWN nodes that are due, make UP nodes
