@@ -466,6 +466,12 @@ class Cluster:
                 skip -= 1
         raise AssertionError(f"no key found for {node_id}")
 
+    def change(self, ring: Ring, window_s: float) -> tuple[list[str], list[str]]:
+        """Swap to ``ring`` (new servers start empty), as ``add_node``/``remove_node`` do."""
+        for node_id in ring.nodes:
+            self.servers.setdefault(node_id, FakeServer(node_id, self.clock))
+        return self.membership.change(ring, window_s)
+
     def kinds(self) -> list[str]:
         return [event.kind for event in self.seen]
 
