@@ -266,3 +266,13 @@ def test_the_router_decides_without_io_and_commit_records_the_stand_in(remap: Cl
     assert owner.fenced(wire) and remap.membership.prober.wakes == wakes + 1  # type: ignore[attr-defined]
     assert owner.counters()["failovers"] == 1
     assert all(server.attempts == 0 for server in remap.servers.values())
+
+
+def test_a_ready_owner_is_its_own_target_and_gutter_without_a_gutter_ring_has_no_stand_in() -> None:
+    cluster = Cluster(NODES)
+    key = cluster.key_on("a:11211").encode()
+    owner = cluster.node("a:11211")
+    for kind in CallKind:
+        assert cluster.router.decide(cluster.topology, owner, key, key, kind) == Decision(owner, owner)
+    gutter = Router("gutter", failover_ttl_s=60, miss_on_error=False)
+    assert gutter.stand_in(cluster.topology, owner, key) is None  # this topology has no gutter pool
