@@ -515,3 +515,31 @@ def test_forget_flow_with_nothing_to_do_settles_and_reports_success() -> None:
     assert cluster.run(forget_flow(node, lambda: cluster.topology, cluster.events)) is True
     assert node.ready and cluster.servers[A].attempts == 0
     assert not [e for e in cluster.seen if isinstance(e, Event) and e.kind == "fenced"]
+
+
+def test_multi_key_invalidations_and_writes_that_fail_are_fenced_too() -> None:
+    cluster = Cluster(NODES, on_error="miss", failure_threshold=5)
+    keys = [cluster.key_on(A, skip=i) for i in range(3)]
+    for key in keys:
+        cluster.servers[A].put(key.encode(), b"old", flags=16)
+    cluster.servers[A].hang = True
+    assert cluster.run(_batch.delete_many(cluster.core, keys[:2], None)) is False
+    assert cluster.run(_batch.set_many(cluster.core, {keys[2]: "new"}, 0, None, None)) == [keys[2]]
+    cluster.servers[A].hang = False
+    node = cluster.node(A)
+    assert all(node.fenced(key.encode()) for key in keys)
+    assert cluster.run(_batch.fetch(cluster.core, keys, with_cas=False)) == {}  # none of the old values
+    cluster.prober_pass()
+    assert not cluster.servers[A].stored()
+
+
+def test_errors_that_become_misses_still_emit_an_event_and_a_log_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cluster = Cluster(NODES, on_error="miss")
+    key = cluster.key_on(A)
+    cluster.servers[A].hang = True
+    assert cluster.get(key, "miss") == "miss"
+    (event,) = [e for e in cluster.seen if e.kind == "error"]
+    assert event.node_id == A and event.key == key and "timed out" in event.detail
+    assert any(r.name == "shardcache" and "timed out" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,7 @@ import pytest
 from fakes import Cluster
 
 from shardcache import _batch, recipes
+from shardcache import _commands as cmd
 from shardcache._router import CallKind, Decision, Router
 from shardcache.errors import NodeUnavailableError
 
@@ -276,3 +277,35 @@ def test_a_ready_owner_is_its_own_target_and_gutter_without_a_gutter_ring_has_no
         assert cluster.router.decide(cluster.topology, owner, key, key, kind) == Decision(owner, owner)
     gutter = Router("gutter", failover_ttl_s=60, miss_on_error=False)
     assert gutter.stand_in(cluster.topology, owner, key) is None  # this topology has no gutter pool
+
+
+def test_stand_in_ttls_are_capped_for_set_many_and_touch_too(remap: Cluster) -> None:
+    key = remap.key_on("a:11211")
+    stand_in = remap.servers[stand_in_of(remap, key)]
+    remap.fail("a:11211")
+    assert remap.run(_batch.set_many(remap.core, {key: "v"}, 3600, None, None)) == []
+    assert stand_in.ttl_of(key.encode()) == 60
+    assert remap.run(cmd.touch(remap.core, key, 0, None)) is True
+    assert stand_in.ttl_of(key.encode()) == 60  # "never expire" on a stand-in is capped as well
+
+
+def test_a_read_served_by_a_stand_in_fences_the_key_on_its_owner(remap: Cluster) -> None:
+    key = remap.key_on("a:11211")
+    remap.servers["a:11211"].put(key.encode(), b"old", flags=16)
+    remap.fail("a:11211")
+    assert remap.get(key, "miss") == "miss"  # served (as a miss) by the stand-in
+    assert remap.node("a:11211").fenced(key.encode())
+    remap.revive("a:11211")
+    remap.prober_pass()
+    assert remap.servers["a:11211"].peek(key.encode()) is None
+
+
+def test_a_request_in_flight_finishes_on_the_ring_it_started_with() -> None:
+    cluster = Cluster(NODES)
+    ring_after = cluster.topology.ring.with_node("d:11211")
+    key = next(f"k{i}" for i in range(500) if ring_after.node_for(f"k{i}") == "d:11211")
+    owner = cluster.servers[cluster.owner_id(key)]
+    owner.put(key.encode(), b"on the old owner", flags=16)
+    owner.before = lambda line: cluster.change(ring_after, 0) if line.startswith(b"get ") else None
+    assert cluster.get(key) == "on the old owner"  # the ring changed while the get was on the wire
+    assert cluster.owner_id(key) == "d:11211" and cluster.servers["d:11211"].attempts == 0
