@@ -175,8 +175,6 @@ class FakeServer:
             return b"OK\r\n"
         if verb == b"version":
             return b"VERSION 1.6.fake\r\n"
-        if verb == b"stats":
-            return b"STAT curr_items %d\r\nEND\r\n" % len(self.stored())
         if verb == b"mg":
             return self._meta_get(parts)
         if verb == b"ms":
@@ -476,7 +474,8 @@ class Cluster:
         return [event.kind for event in self.seen]
 
     def fail(self, node_id: str) -> None:
-        """The server stops answering and enough requests fail to mark its node DOWN."""
+        """The server stops answering; ``failure_threshold`` transport failures are reported, so its
+        node is DOWN."""
         self.servers[node_id].down = True
         node = self.node(node_id)
         for _ in range(self.options.health.failure_threshold):

@@ -13,7 +13,6 @@ from fakes import Cluster, FakeExecutor
 from shardcache import _batch, recipes
 from shardcache._events import Events
 from shardcache._prober import Prober, forget_flow
-from shardcache._topology import FenceLog
 from shardcache.errors import NodeUnavailableError
 from shardcache.health import DOWN, PROBING, UP, Event
 
@@ -423,22 +422,22 @@ def test_an_outage_and_return_emit_down_failover_up_and_fenced_in_order() -> Non
 
 
 def test_a_fence_log_past_its_limit_overflows_and_keeps_keys_in_flight_recorded() -> None:
-    log = FenceLog(limit=2)
-    log._add(b"a")
-    log._add(b"b")
-    assert not log.overflowed and len(log) == 2
-    log._add(b"c")
-    assert log.overflowed and b"anything" in log
-    keys, flush = log._take()
-    assert keys == {b"a", b"b"} and flush and b"a" in log and log  # in flight: still recorded
-    log._add(b"d")
-    log._settle(done=False)  # the pass failed: what was taken is recorded again, within the limit
-    assert log.overflowed and len(log) == 2 and b"d" in log.keys
-    log2 = FenceLog(limit=5)
-    log2._add(b"x")
-    log2._take()
-    log2._settle(done=True)
-    assert not log2 and len(log2) == 0 and b"x" not in log2
+    cluster = Cluster(NODES, fence_max_keys=2)
+    node = cluster.node(A)
+    node.fence(b"a")
+    node.fence(b"b")
+    assert node.fenced(b"a") and not node.fenced(b"other") and not node.ready
+    node.fence(b"c")  # past the limit: every key counts as recorded, the node will be flushed
+    assert node.fenced(b"other")
+    work = node.take_work()
+    assert work.keys == {b"a", b"b"} and work.flush
+    assert node.fenced(b"a") and node.fenced(b"other")  # in flight: still recorded
+    node.fence(b"d")  # a request fences a key while the pass is under way
+    node.settle_work(work, done=False, kept_stale={})  # the pass failed: recorded again, within the limit
+    again = node.take_work()
+    assert again.flush and len(again.keys) == 2 and b"d" in again.keys
+    node.settle_work(again, done=True, kept_stale={})
+    assert not node.fenced(b"a") and not node.has_work() and node.ready
 
 
 def test_node_counters_repr_and_reweighting() -> None:
