@@ -5,6 +5,7 @@ Every test runs the real command flows and router over in-memory fake servers (t
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ from fakes import Cluster
 
 from shardcache import _batch, recipes
 from shardcache import _commands as cmd
+from shardcache._commands import Engine
 from shardcache._router import CallKind, Decision, Router
 from shardcache.errors import NodeUnavailableError
 
@@ -309,3 +311,18 @@ def test_a_request_in_flight_finishes_on_the_ring_it_started_with() -> None:
     owner.before = lambda line: cluster.change(ring_after, 0) if line.startswith(b"get ") else None
     assert cluster.get(key) == "on the old owner"  # the ring changed while the get was on the wire
     assert cluster.owner_id(key) == "d:11211" and cluster.servers["d:11211"].attempts == 0
+
+
+def test_a_lock_never_moves_to_a_stand_in() -> None:
+    for on_error in ("raise", "miss"):
+        cluster = Cluster(NODES, failover="remap", on_error=on_error)
+        client = types.SimpleNamespace(_engine=Engine(cluster.core, cluster.run))
+        name = next(f"job{i}" for i in range(500) if cluster.owner_id(f"job{i}:lock") == "a:11211")
+        cluster.fail("a:11211")
+        lock = recipes.Lock(client, name, ttl_s=30, blocking_timeout_s=0)
+        if on_error == "raise":
+            with pytest.raises(NodeUnavailableError):
+                lock.acquire(blocking=False)
+        else:
+            assert lock.acquire(blocking=False) is False and lock.unavailable
+        assert not any(server.stored() for server in cluster.servers.values())
