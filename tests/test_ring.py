@@ -270,3 +270,22 @@ def test_numpy_and_pure_python_builds_give_the_same_table(
     pure = Ring(nodes)
     assert fast._table == pure._table
     assert fast._runs == pure._runs
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (["a:1", "b:2", "c:3:2", "d:4"], ["b:2", "c:3:3", "d:4", "e:5"]),  # remove, reweight, add at once
+        (["solo:1"], ["other:1", "third:1"]),  # no node in common: every slot moves
+    ],
+)
+def test_numpy_and_pure_python_share_and_diff_agree(
+    before: list[str], after: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shardcache.ring as ring_module
+
+    a, b = Ring(before), Ring(after)
+    fast = (a.share(), b.share(), a.diff(b))
+    monkeypatch.setattr(ring_module, "_use_numpy", False)
+    assert (a.share(), b.share(), a.diff(b)) == fast
+    assert fast[2].moved > 0
