@@ -1,6 +1,8 @@
 """Ring math and properties: placement, movement, balance, immutability, bad input."""
 
 import bisect
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -130,7 +132,8 @@ def test_placement_is_identical_across_processes_and_hash_seeds() -> None:
         "k = Ring(['a:11211', 'b:11211', 'c:11212:2'], hashing='ketama')\n"
         "print([r.node_for(f'key{i}') for i in range(300)], [k.node_for(f'key{i}') for i in range(300)])\n"
     )
-    # The three interpreters start in parallel: each spends most of its time importing.
+    # Two child interpreters with fixed hash seeds, started in parallel, and this process (whose
+    # seed is random unless PYTHONHASHSEED is set) give three placements that must be identical.
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code],
@@ -139,9 +142,12 @@ def test_placement_is_identical_across_processes_and_hash_seeds() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        for seed in ("0", "1", "12345")
+        for seed in ("0", "12345")
     ]
-    outputs = set()
+    here = io.StringIO()
+    with contextlib.redirect_stdout(here):
+        exec(code, {})
+    outputs = {here.getvalue()}
     for proc in procs:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
@@ -179,11 +185,15 @@ def test_preference_list_starts_at_the_owner_and_is_distinct(
     assert len(prefs) == min(n, len(nodes)) == len(set(prefs))
 
 
+@pytest.fixture(scope="module")
+def two_node_rings() -> list[Ring]:
+    return [Ring(["a:1", "b:2"], hashing=hashing) for hashing in ("mmh3", "ketama")]
+
+
 @PROPS
 @given(KEYS)
-def test_any_str_or_bytes_key_hashes(key: str | bytes) -> None:
-    for hashing in ("mmh3", "ketama"):
-        ring = Ring(["a:1", "b:2"], hashing=hashing)
+def test_any_str_or_bytes_key_hashes(two_node_rings: list[Ring], key: str | bytes) -> None:
+    for ring in two_node_rings:
         try:
             assert ring.node_for(key) in ("a:1", "b:2")
         except KeyValidationError:
@@ -272,19 +282,11 @@ def test_numpy_and_pure_python_builds_give_the_same_table(
     assert fast._runs == pure._runs
 
 
-@pytest.mark.parametrize(
-    ("before", "after"),
-    [
-        (["a:1", "b:2", "c:3:2", "d:4"], ["b:2", "c:3:3", "d:4", "e:5"]),  # remove, reweight, add at once
-        (["solo:1"], ["other:1", "third:1"]),  # no node in common: every slot moves
-    ],
-)
-def test_numpy_and_pure_python_share_and_diff_agree(
-    before: list[str], after: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_numpy_and_pure_python_share_and_diff_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     import shardcache.ring as ring_module
 
-    a, b = Ring(before), Ring(after)
+    # One change that removes, reweights and adds a node, so every kind of flow is counted.
+    a, b = Ring(["a:1", "b:2", "c:3:2", "d:4"]), Ring(["b:2", "c:3:3", "d:4", "e:5"])
     fast = (a.share(), b.share(), a.diff(b))
     monkeypatch.setattr(ring_module, "_use_numpy", False)
     assert (a.share(), b.share(), a.diff(b)) == fast
