@@ -24,6 +24,11 @@ Two hashing modes:
     - ``"spymemcached"``: ``/host:port-i``;
     - a node with an alias (twemproxy's ``host:port:weight name``) is named ``name-i`` in every variant.
 
+A ring holds at most ``MAX_RING_POINTS`` points (6,291,456: an mmh3 ring whose weights sum to 4096,
+or a ketama ring of about 39,000 servers), so no server list can make building it allocate unbounded
+memory; more raises ``ConfigurationError`` naming the total. At the limit a build peaks at about
+250 MB (mmh3 with numpy) to 800 MB (mmh3 without numpy, or ketama).
+
 Rings are immutable and safe to share between threads; ``with_node``/``without_node``/``with_weight``
 return new rings.
 """
@@ -48,7 +53,15 @@ import mmh3
 from shardcache.errors import ConfigurationError, KeyValidationError
 from shardcache.nodes import DEFAULT_PORT, NodeSpec, NodeSpecLike, parse_node, parse_nodes
 
-__all__ = ["HASHING_MODES", "KETAMA_NAMINGS", "POINTS_PER_WEIGHT", "SLOT_BITS", "Ring", "RingDiff"]
+__all__ = [
+    "HASHING_MODES",
+    "KETAMA_NAMINGS",
+    "MAX_RING_POINTS",
+    "POINTS_PER_WEIGHT",
+    "SLOT_BITS",
+    "Ring",
+    "RingDiff",
+]
 
 Key = str | bytes
 
@@ -57,6 +70,7 @@ KETAMA_NAMINGS = ("libmemcached", "libketama", "spymemcached")
 
 POINTS_PER_WEIGHT = 1536
 SLOT_BITS = 20
+MAX_RING_POINTS = POINTS_PER_WEIGHT * 4096
 _STRATUM = (1 << 32) // POINTS_PER_WEIGHT
 _SLOTS = 1 << SLOT_BITS
 _SLOT_SHIFT = 32 - SLOT_BITS
@@ -73,6 +87,13 @@ _f32 = struct.Struct("f")
 
 def _float32(x: float) -> float:
     return float(_f32.unpack(_f32.pack(x))[0])
+
+
+def _check_points(points: int, ring: str) -> None:
+    if points > MAX_RING_POINTS:
+        raise ConfigurationError(
+            f"{ring} needs {points:,} points; a ring holds at most MAX_RING_POINTS = {MAX_RING_POINTS:,}"
+        )
 
 
 def _key_error(key: object) -> KeyValidationError:
@@ -159,6 +180,12 @@ class Ring:
     # -- construction -----------------------------------------------------------------------------
 
     def _build_mmh3(self) -> None:
+        total_weight = sum(s.weight for s in self._specs)
+        _check_points(
+            POINTS_PER_WEIGHT * total_weight,
+            f"an mmh3 ring of {len(self._specs)} nodes with total weight {total_weight}"
+            f" (at most {MAX_RING_POINTS // POINTS_PER_WEIGHT})",
+        )
         specs = sorted(self._specs, key=_hash_name)
         self._ids: tuple[str, ...] = tuple(s.node_id for s in specs)
         rank_bits = max(1, (len(specs) - 1).bit_length())
@@ -175,11 +202,14 @@ class Ring:
         self._ids = tuple(s.node_id for s in specs)
         total = _float32(float(sum(s.weight for s in specs)))
         live = _float32(float(len(specs)))
-        items: list[tuple[int, int]] = []
-        for index, spec in enumerate(specs):
+        counts = []
+        for spec in specs:
             pct = _float32(_float32(float(spec.weight)) / total)
             scaled = _float32(_float32(_float32(pct * _KETAMA_POINTS_PER_SERVER) / 4) * live)
-            per_server = floor(_float32(scaled + 0.0000000001)) * 4
+            counts.append(floor(_float32(scaled + 0.0000000001)) * 4)
+        _check_points(sum(counts), f"a ketama ring of {len(specs)} nodes")
+        items: list[tuple[int, int]] = []
+        for index, (spec, per_server) in enumerate(zip(specs, counts, strict=True)):
             for i in range(per_server // 4):
                 digest = _md5(self._ketama_name(spec, i).encode()).digest()
                 items.extend((value, index) for value in struct.unpack("<4I", digest))

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardcache import ConfigurationError, KeyValidationError, Ring
+from shardcache.ring import POINTS_PER_WEIGHT
 
 NODE_IDS = st.lists(
     st.builds(
@@ -291,3 +292,37 @@ def test_numpy_and_pure_python_share_and_diff_agree(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(ring_module, "_use_numpy", False)
     assert (a.share(), b.share(), a.diff(b)) == fast
     assert fast[2].moved > 0
+
+
+@pytest.mark.parametrize("hashing", ["mmh3", "ketama"])
+def test_a_huge_weight_is_a_configuration_error_not_a_memory_error(hashing: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"weight 1000000000 out of range 1\.\.1000"):
+        Ring([("a", 1, 10**9), "b:2"], hashing=hashing)
+    ring = Ring(["a:1", "b:2"], hashing=hashing)
+    for weight in (10**9, 1e9, 0, True):
+        with pytest.raises(ConfigurationError, match="weight"):
+            ring.with_weight("a:1", weight)  # type: ignore[arg-type]
+
+
+def test_an_mmh3_ring_holds_at_most_max_ring_points() -> None:
+    # Refused before anything is allocated; building either ring would take seconds and ~300 MB.
+    with pytest.raises(ConfigurationError, match=r"total weight 5000 .*7,680,000 points"):
+        Ring([f"n{i}:1:1000" for i in range(5)])
+    with pytest.raises(ConfigurationError, match="4097 nodes with total weight 4097"):
+        Ring([f"n{i}:1" for i in range(4097)])
+
+
+@pytest.mark.parametrize(("hashing", "points_per_node"), [("mmh3", POINTS_PER_WEIGHT), ("ketama", 160)])
+def test_ring_points_bound_is_inclusive(
+    hashing: str, points_per_node: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shardcache.ring as ring_module
+
+    # A small bound, so the rings on both sides of it are cheap to build.
+    monkeypatch.setattr(ring_module, "MAX_RING_POINTS", 3 * points_per_node)
+    ring = Ring(["a:1", "b:1", "c:1"], hashing=hashing)
+    with pytest.raises(ConfigurationError, match="MAX_RING_POINTS"):
+        ring.with_node("d:1")
+    if hashing == "mmh3":
+        with pytest.raises(ConfigurationError, match="total weight 4"):
+            ring.with_weight("a:1", 2)
