@@ -94,6 +94,8 @@ def _check_port(port: object, entry: object) -> int:
     if isinstance(port, str):
         if not port.isdigit() or not port.isascii():
             raise ConfigurationError(f"node spec {entry!r}: port must be a number, got {port!r}")
+        if len(port.lstrip("0")) > 5:  # before int(): thousands of digits raise ValueError
+            raise ConfigurationError(f"node spec {entry!r}: port {port} out of range 1..65535")
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int):
         raise ConfigurationError(f"node spec {entry!r}: port must be an int, got {port!r}")

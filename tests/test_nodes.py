@@ -49,6 +49,7 @@ def test_unix_spec_address_is_the_path() -> None:
         ("h:0", "out of range"),
         ("h:65536", "out of range"),
         ("h:port", "must be a number"),
+        pytest.param("h:" + "9" * 5000, "out of range", id="h:<5000 nines>"),
         ("h:11211:0", "weight"),
         ("h:11211:-1", "weight"),
         ("h:11211:1.5", "weight"),
