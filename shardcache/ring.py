@@ -542,25 +542,34 @@ def _slot_counts_numpy(table: array[int], ranks: int) -> list[int]:
     return counts
 
 
+_MAX_FLOW_BINS = 1 << 20  # above this many (owner_a, owner_b) pairs, sort instead of counting in bins
+
+
 def _slot_flows_numpy(
     a: tuple[array[int], tuple[str, ...]], b: tuple[array[int], tuple[str, ...]]
 ) -> dict[tuple[str, str], int]:
     """How many slots change owner from table ``a`` to table ``b``, per ``(owner_a, owner_b)``."""
     import numpy as np  # noqa: PLC0415
 
-    # The two tables number their nodes differently: map both onto one numbering first.
-    names = sorted(set(a[1]) | set(b[1]))
-    number = {name: i for i, name in enumerate(names)}
-    owners = [
-        np.array([number[name] for name in ids], dtype=np.int64)[np.frombuffer(table, dtype=table.typecode)]
-        for table, ids in (a, b)
-    ]
-    changed = owners[0] != owners[1]
-    pairs, counts = np.unique(owners[0][changed] * len(names) + owners[1][changed], return_counts=True)
-    return {
-        (names[pair // len(names)], names[pair % len(names)]): count
-        for pair, count in zip(pairs.tolist(), counts.tolist(), strict=True)
-    }
+    (a_table, a_ids), (b_table, b_ids) = a, b
+    width = len(b_ids)
+    # One code per slot for its pair of ranks, counted; the two tables number their nodes
+    # differently, so whether a pair is a move is decided by name, once per distinct pair.
+    codes = np.frombuffer(a_table, dtype=a_table.typecode).astype(np.intp)
+    codes *= width
+    codes += np.frombuffer(b_table, dtype=b_table.typecode)
+    if len(a_ids) * width <= _MAX_FLOW_BINS:
+        counts = np.bincount(codes, minlength=len(a_ids) * width)
+        pairs = np.flatnonzero(counts)
+        counts = counts[pairs]
+    else:
+        pairs, counts = np.unique(codes, return_counts=True)
+    flows = {}
+    for pair, count in zip(pairs.tolist(), counts.tolist(), strict=True):
+        src, dst = a_ids[pair // width], b_ids[pair % width]
+        if src != dst:
+            flows[(src, dst)] = count
+    return flows
 
 
 def _array_from(typecode: str, data: bytes) -> array[int]:
