@@ -12,6 +12,11 @@ Accepted forms (each may appear in a server list)::
     ("10.0.0.1", 11211, 3)      tuple with weight
     NodeSpec(...)               already parsed
 
+A weight is an int in ``1..MAX_WEIGHT`` (1000): a node's share of keys is proportional to it, and
+an mmh3 ring allocates points per unit of weight, so an unbounded weight is unbounded memory (see
+``shardcache.ring.MAX_RING_POINTS`` for the bound on a whole ring). bool, float and str weights are
+refused rather than converted.
+
 A node id is the canonical ``host:port`` string (``[addr]:port`` for IPv6, ``unix:/path`` for unix
 sockets). It is what the ring returns and what every per-node result is keyed by.
 """
@@ -24,9 +29,10 @@ from dataclasses import dataclass
 
 from shardcache.errors import ConfigurationError
 
-__all__ = ["DEFAULT_PORT", "NodeSpec", "NodeSpecLike", "parse_node", "parse_nodes"]
+__all__ = ["DEFAULT_PORT", "MAX_WEIGHT", "NodeSpec", "NodeSpecLike", "parse_node", "parse_nodes"]
 
 DEFAULT_PORT = 11211
+MAX_WEIGHT = 1000
 
 _BAD_HOST_CHARS = re.compile(r"[\s\x00-\x1f\x7f/\[\]]")
 _CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -76,9 +82,11 @@ NodeSpecLike = NodeSpec | str | tuple[str, int] | tuple[str, int, int]
 
 def _check_weight(weight: object, entry: object) -> int:
     if isinstance(weight, bool) or not isinstance(weight, int):
-        raise ConfigurationError(f"node spec {entry!r}: weight must be a positive int, got {weight!r}")
-    if weight <= 0:
-        raise ConfigurationError(f"node spec {entry!r}: weight must be > 0, got {weight}")
+        raise ConfigurationError(
+            f"node spec {entry!r}: weight must be an int in 1..{MAX_WEIGHT}, got {weight!r}"
+        )
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise ConfigurationError(f"node spec {entry!r}: weight {weight} out of range 1..{MAX_WEIGHT}")
     return weight
 
 
@@ -86,6 +94,8 @@ def _check_port(port: object, entry: object) -> int:
     if isinstance(port, str):
         if not port.isdigit() or not port.isascii():
             raise ConfigurationError(f"node spec {entry!r}: port must be a number, got {port!r}")
+        if len(port.lstrip("0")) > 5:  # before int(): thousands of digits raise ValueError
+            raise ConfigurationError(f"node spec {entry!r}: port {port} out of range 1..65535")
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int):
         raise ConfigurationError(f"node spec {entry!r}: port must be an int, got {port!r}")
@@ -108,7 +118,11 @@ def _check_host(host: object, entry: object, *, allow_v6: bool) -> str:
 
 def _parse_weight_text(text: str, entry: object) -> int:
     if not text.isdigit() or not text.isascii():
-        raise ConfigurationError(f"node spec {entry!r}: weight must be a positive int, got {text!r}")
+        raise ConfigurationError(
+            f"node spec {entry!r}: weight must be an int in 1..{MAX_WEIGHT}, got {text!r}"
+        )
+    if len(text.lstrip("0")) > len(str(MAX_WEIGHT)):  # before int(): thousands of digits raise ValueError
+        raise ConfigurationError(f"node spec {entry!r}: weight {text} out of range 1..{MAX_WEIGHT}")
     return _check_weight(int(text), entry)
 
 
@@ -170,11 +184,11 @@ def _parse_string(entry: str) -> NodeSpec:
 def parse_node(entry: object) -> NodeSpec:
     """Parse one node spec in any accepted form; raise ``ConfigurationError`` naming it if bad."""
     if isinstance(entry, NodeSpec):
+        _check_weight(entry.weight, entry)
         if entry.unix:
             return entry
         _check_host(entry.host, entry, allow_v6=True)
         _check_port(entry.port, entry)
-        _check_weight(entry.weight, entry)
         return entry
     if isinstance(entry, str):
         return _parse_string(entry)

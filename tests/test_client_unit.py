@@ -57,7 +57,8 @@ def test_key_prefix_is_not_hashed_unless_asked() -> None:
     hashed = Client(SERVERS, key_prefix="app1:", hash_key_prefix=True)
     keys = [f"k{i}" for i in range(300)]
     assert [plain.node_for(k) for k in keys] == [prefixed.node_for(k) for k in keys]
-    assert [Ring(SERVERS).node_for("app1:" + k) for k in keys] == [hashed.node_for(k) for k in keys]
+    ring = Ring(SERVERS)
+    assert [ring.node_for("app1:" + k) for k in keys] == [hashed.node_for(k) for k in keys]
 
 
 @pytest.mark.parametrize(

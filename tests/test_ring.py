@@ -1,6 +1,8 @@
 """Ring math and properties: placement, movement, balance, immutability, bad input."""
 
 import bisect
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardcache import ConfigurationError, KeyValidationError, Ring
+from shardcache.ring import POINTS_PER_WEIGHT
 
 NODE_IDS = st.lists(
     st.builds(
@@ -32,9 +35,10 @@ SAMPLE_KEYS = [f"books/{i}" for i in range(4000)] + [f"user:{i}:profile".encode(
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _owner_by_arcs(ring: Ring, key: str | bytes) -> str:
-    bounds, owners = ring._arcs()
-    if ring.hashing == "mmh3":
+def _owner_by_arcs(arcs: tuple[list[int], list[str]], hashing: str, key: str | bytes) -> str:
+    """The owner of ``key`` found by bisecting the ring's arcs (the reference for the lookup table)."""
+    bounds, owners = arcs
+    if hashing == "mmh3":
         h = (mmh3.hash(key, 0, False) >> 12) << 12
     else:
         import hashlib
@@ -54,8 +58,9 @@ def test_str_key_hashes_as_its_utf8_bytes(hashing: str) -> None:
 @pytest.mark.parametrize("hashing", ["mmh3", "ketama"])
 def test_lookup_table_agrees_with_the_ring_arcs(hashing: str) -> None:
     ring = Ring([f"10.0.0.{i}:{11211 + i % 2}" for i in range(1, 30)], hashing=hashing)
+    arcs = ring._arcs()  # built once: rebuilding the ~44k mmh3 arcs per key took seconds
     for key in SAMPLE_KEYS[::7]:
-        assert ring.node_for(key) == _owner_by_arcs(ring, key)
+        assert ring.node_for(key) == _owner_by_arcs(arcs, hashing, key)
 
 
 @PROPS
@@ -128,14 +133,26 @@ def test_placement_is_identical_across_processes_and_hash_seeds() -> None:
         "k = Ring(['a:11211', 'b:11211', 'c:11212:2'], hashing='ketama')\n"
         "print([r.node_for(f'key{i}') for i in range(300)], [k.node_for(f'key{i}') for i in range(300)])\n"
     )
-    outputs = set()
-    for seed in ("0", "1", "12345"):
-        env = dict(os.environ, PYTHONHASHSEED=seed)
-        outputs.add(
-            subprocess.run(
-                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60
-            ).stdout
+    # Two child interpreters with fixed hash seeds, started in parallel, and this process (whose
+    # seed is random unless PYTHONHASHSEED is set) give three placements that must be identical.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=dict(os.environ, PYTHONHASHSEED=seed),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        for seed in ("0", "12345")
+    ]
+    here = io.StringIO()
+    with contextlib.redirect_stdout(here):
+        exec(code, {})
+    outputs = {here.getvalue()}
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        outputs.add(out)
     assert len(outputs) == 1
 
 
@@ -169,11 +186,15 @@ def test_preference_list_starts_at_the_owner_and_is_distinct(
     assert len(prefs) == min(n, len(nodes)) == len(set(prefs))
 
 
+@pytest.fixture(scope="module")
+def two_node_rings() -> list[Ring]:
+    return [Ring(["a:1", "b:2"], hashing=hashing) for hashing in ("mmh3", "ketama")]
+
+
 @PROPS
 @given(KEYS)
-def test_any_str_or_bytes_key_hashes(key: str | bytes) -> None:
-    for hashing in ("mmh3", "ketama"):
-        ring = Ring(["a:1", "b:2"], hashing=hashing)
+def test_any_str_or_bytes_key_hashes(two_node_rings: list[Ring], key: str | bytes) -> None:
+    for ring in two_node_rings:
         try:
             assert ring.node_for(key) in ("a:1", "b:2")
         except KeyValidationError:
@@ -260,3 +281,50 @@ def test_numpy_and_pure_python_builds_give_the_same_table(
     pure = Ring(nodes)
     assert fast._table == pure._table
     assert fast._runs == pure._runs
+
+
+def test_numpy_and_pure_python_share_and_diff_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shardcache.ring as ring_module
+
+    # One change that removes, reweights and adds a node, so every kind of flow is counted.
+    a, b = Ring(["a:1", "b:2", "c:3:2", "d:4"]), Ring(["b:2", "c:3:3", "d:4", "e:5"])
+    binned = (a.share(), b.share(), a.diff(b))
+    monkeypatch.setattr(ring_module, "_MAX_FLOW_BINS", 0)  # the sorting path, used for big rings
+    assert a.diff(b) == binned[2]
+    monkeypatch.setattr(ring_module, "_use_numpy", False)
+    assert (a.share(), b.share(), a.diff(b)) == binned
+    assert binned[2].moved > 0
+
+
+@pytest.mark.parametrize("hashing", ["mmh3", "ketama"])
+def test_a_huge_weight_is_a_configuration_error_not_a_memory_error(hashing: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"weight 1000000000 out of range 1\.\.1000"):
+        Ring([("a", 1, 10**9), "b:2"], hashing=hashing)
+    ring = Ring(["a:1", "b:2"], hashing=hashing)
+    for weight in (10**9, 1e9, 0, True):
+        with pytest.raises(ConfigurationError, match="weight"):
+            ring.with_weight("a:1", weight)  # type: ignore[arg-type]
+
+
+def test_an_mmh3_ring_holds_at_most_max_ring_points() -> None:
+    # Refused before anything is allocated; building either ring would take seconds and ~300 MB.
+    with pytest.raises(ConfigurationError, match=r"total weight 5000 .*7,680,000 points"):
+        Ring([f"n{i}:1:1000" for i in range(5)])
+    with pytest.raises(ConfigurationError, match="4097 nodes with total weight 4097"):
+        Ring([f"n{i}:1" for i in range(4097)])
+
+
+@pytest.mark.parametrize(("hashing", "points_per_node"), [("mmh3", POINTS_PER_WEIGHT), ("ketama", 160)])
+def test_ring_points_bound_is_inclusive(
+    hashing: str, points_per_node: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shardcache.ring as ring_module
+
+    # A small bound, so the rings on both sides of it are cheap to build.
+    monkeypatch.setattr(ring_module, "MAX_RING_POINTS", 3 * points_per_node)
+    ring = Ring(["a:1", "b:1", "c:1"], hashing=hashing)
+    with pytest.raises(ConfigurationError, match="MAX_RING_POINTS"):
+        ring.with_node("d:1")
+    if hashing == "mmh3":
+        with pytest.raises(ConfigurationError, match="total weight 4"):
+            ring.with_weight("a:1", 2)
