@@ -234,3 +234,20 @@ def test_ketama_client_places_keys_like_libmemcached_does(cluster: LocalCluster)
         for key in (f"k{i}" for i in range(0, 300, 7)):
             assert _direct_get(client.node_for(key), key) is not None
         assert len(_spread(client, 300)()) == 3
+
+
+def test_the_same_server_under_two_names_is_warned_about(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = cluster.specs[0].rsplit(":", 1)
+    assert host == "127.0.0.1"
+    twice = [f"localhost:{port}", f"127.0.0.1:{port}", cluster.specs[1]]
+    with caplog.at_level("WARNING", logger="shardcache"), Client(twice) as client:
+        client.stats()  # one connection to each node
+        warnings = [r.getMessage() for r in caplog.records if "same server" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"localhost:{port}" in warnings[0] and f"127.0.0.1:{port}" in warnings[0]
+    with caplog.at_level("WARNING", logger="shardcache"), Client(cluster.specs) as distinct:
+        caplog.clear()
+        distinct.stats()
+        assert not [r for r in caplog.records if "same server" in r.getMessage()]

@@ -273,9 +273,13 @@ def _raised(outcome: tuple[dict[str, Any], ShardcacheError | None]) -> dict[str,
 def flush_all(core: Core, delay: int) -> Flow[dict[str, bool]]:
     """Invalidate every item on every node (gutter nodes included): ``{node_id: ok}``. A node that
     is down or fails is flushed when it returns (its reads miss until then). The reply is always
-    awaited: whether each node was flushed decides whether it must be fenced."""
+    awaited: whether each node was flushed decides whether it must be fenced. Nodes a drain window
+    still reads from are flushed too (not in the result), so no warm-up copies a flushed value."""
     payload = proto.flush_all(delay)
-    nodes = list(core.topology.all_nodes())
+    topology = core.topology
+    nodes = list(topology.all_nodes())
+    listed = {node.node_id for node in nodes}
+    nodes += [node for node_id, node in topology.previous_nodes.items() if node_id not in listed]
     for node in nodes:
         if node.health.state != UP:
             node.fence_all()
@@ -286,7 +290,7 @@ def flush_all(core: Core, delay: int) -> Flow[dict[str, bool]]:
             node.fence_all()
     if first is not None:
         raise first
-    return results
+    return {node_id: ok for node_id, ok in results.items() if node_id in listed}
 
 
 def stats(core: Core, args: Sequence[Any]) -> Flow[dict[str, dict[bytes, Any]]]:

@@ -274,8 +274,11 @@ def store(
     hash_key, wire, owner = core.locate(topology, key)
     data, flags = core.encode(wire, value, flags)
     payload = proto.store(command, wire, data, flags, expire, noreply=bool(noreply), cas=_cas_number(cas))
-    if kind.forget_before and topology.previous is not None:  # the previous owner's copy goes first
-        yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+    if topology.previous is not None:
+        if kind.forget_before:  # the previous owner's copy goes first
+            yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+        elif command == b"add":  # the key may still exist on its previous owner: it must refuse
+            yield from warm(core, topology, [(hash_key, wire, owner)])
     target = owner
     if not owner.ready:
         decision = core.router.route(topology, owner, hash_key, wire, kind)

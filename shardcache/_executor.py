@@ -39,7 +39,8 @@ class Executor:
     """Runs flows and their requests on nodes; thread-safe (all state is in the pools and nodes).
 
     ``timeout`` (seconds, None: no limit) bounds each stretch of a flow's I/O: the whole of a
-    ``get``, however many round trips or nodes it takes.
+    ``get``, however many round trips or nodes it takes, from its first request on (the time spent
+    checking and serializing values before it is not counted).
     """
 
     __slots__ = ("_events", "_settings", "_timeout")
@@ -52,10 +53,11 @@ class Executor:
     def run(self, flow: Flow[T]) -> T:
         """Drive ``flow`` to its end and return its value."""
         timeout = self._timeout
-        deadline = None if timeout is None else _monotonic() + timeout
         try:
             # dispatch on the exact type (faster than isinstance); Any because mypy cannot narrow it
             request: Any = next(flow)
+            # from the first request on: checking and serializing a big batch is not I/O
+            deadline = None if timeout is None else _monotonic() + timeout
             while True:
                 kind = type(request)
                 try:

@@ -9,11 +9,13 @@ warm-up (added nodes) and drain (removed ones) until it ends. Node health transi
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from shardcache._conn import ConnectionSettings, NodePool
-from shardcache._events import Events
+from shardcache._conn import Connection, ConnectionSettings, NodePool
+from shardcache._events import Events, logger
 from shardcache._flows import Flow
 from shardcache._options import Options
 from shardcache._prober import Prober
@@ -44,6 +46,7 @@ class Membership:
         self._change_lock = threading.Lock()
         self._window_timer: threading.Timer | None = None
         self._retiring: list[Node] = []  # nodes removed with a window: retired when it ends
+        self._peers: dict[Any, str] = {}  # the address each node's first connection reached
         self.topology: Topology = Topology(ring, {})  # replaced below, once the prober exists
         self.prober = Prober(lambda: self.topology, run, events)
         nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
@@ -57,6 +60,7 @@ class Membership:
             self._settings,
             max_idle=options.max_pool_size,
             idle_timeout=float(options.pool_idle_timeout),
+            on_connect=lambda conn: self._connected(spec.node_id, conn),
         )
         holder: list[Node] = []
 
@@ -67,6 +71,24 @@ class Membership:
         node = Node(spec, pool, health, options.fence_max_keys, self.prober.start)
         holder.append(node)
         return node
+
+    def _connected(self, node_id: str, conn: Connection) -> None:
+        """Warn when two ring nodes reach the same server (``localhost:p`` and ``127.0.0.1:p``): each
+        would own its own share of the keys on one server, and failover could not tell them apart."""
+        try:
+            peer = conn.sock.getpeername()
+        except OSError:
+            return
+        peer = _same_server_key(peer)
+        other = self._peers.setdefault(peer, node_id)
+        if other != node_id and other in self.topology.nodes and node_id in self.topology.nodes:
+            logger.warning(
+                "shardcache: nodes %s and %s are the same server (%s): list it once, or each name "
+                "gets its own share of the keys",
+                other,
+                node_id,
+                peer,
+            )
 
     def _on_change(self, node: Node, old: str, new: str, reason: str) -> None:
         node.refresh_ready()
@@ -117,9 +139,12 @@ class Membership:
                 self._options.clock() + window_s if window else 0.0,
             )
             retired = [current.nodes[n] for n in removed]
-            if self._window_timer is not None:  # a window cut short: its removed nodes go now too
+            if self._window_timer is not None:
+                # a window cut short: the nodes it drained are in no topology any more
                 self._window_timer.cancel()
-                retired += self._retiring
+                for node in self._retiring:
+                    if nodes.get(node.node_id) is not node:
+                        node.pool.retire()
             self._window_timer = None
             self._retiring = []
             if window:
@@ -161,3 +186,20 @@ class Membership:
         topology = self.topology
         for node in [*topology.all_nodes(), *topology.previous_nodes.values()]:
             node.pool.close()
+
+
+def _same_server_key(peer: Any) -> Any:
+    """What identifies the server a socket reached: (address, port), with every loopback address
+    (127.0.0.1, ::1, ::ffff:127.0.0.1) as one, since ``localhost`` may resolve to either; a unix
+    socket's path as is."""
+    if not isinstance(peer, list | tuple):
+        return peer
+    host, port = peer[0], peer[1]  # IPv6 adds flow info and scope id
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return (host, port)
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return ("loopback" if address.is_loopback else str(address), port)

@@ -110,7 +110,9 @@ class Router:
             return Decision(owner, owner)
         if owner.health.state == UP:  # up, with keys still to forget
             if kind is not CallKind.WRITE and kind is not CallKind.REPLACING_WRITE and owner.fenced(wire):
-                return Decision(None, owner)
+                # a read misses; a pinned call cannot happen (raised, or a miss with on_error="miss"),
+                # never silently dropped
+                return Decision(None, owner, down=not kind.stand_in_ok)
             return Decision(owner, owner)
         target = self.stand_in(topology, owner, hash_key) if kind.stand_in_ok else None
         if target is None:

@@ -240,9 +240,11 @@ class Node:
         self.spec = spec
 
     def down_error(self, what: str, failover: str) -> NodeUnavailableError:
+        state = self.health.state
+        if state == UP and not self.ready:
+            state = "up but still removing outdated keys (fencing)"
         return NodeUnavailableError(
-            f"memcached node {self.node_id} is {self.health.state} ({what}; failover={failover})",
-            self.node_id,
+            f"memcached node {self.node_id} is {state} ({what}; failover={failover})", self.node_id
         )
 
     def __repr__(self) -> str:

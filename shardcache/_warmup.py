@@ -135,15 +135,20 @@ def _warm_once(
 def forget_previous(core: Core, topology: Topology, moved: Iterable[Moved]) -> Flow[None]:
     """Delete moved keys on their previous owners (writers call it during a window), so that a later
     warm-up cannot bring back a value the write replaced. A previous owner that cannot be reached
-    is fenced for those keys: it deletes them before it serves them again."""
+    is fenced for those keys, as is one that is down now: it deletes them before it serves them
+    again (so a node readmitted inside the window cannot warm a deleted value back)."""
     now = core.options.clock()
     groups: dict[str, list[bytes]] = {}
     nodes: dict[str, Node] = {}
     for hash_key, wire, owner in moved:
         old = topology.previous_owner(hash_key, owner, now)
-        if old is not None and old.health.state == UP:
+        if old is None:
+            continue
+        if old.health.state == UP:
             groups.setdefault(old.node_id, []).append(wire)
             nodes[old.node_id] = old
+        else:
+            old.fence(wire)
     if not groups:
         return
     jobs: dict[str, tuple[Node, Job]] = {

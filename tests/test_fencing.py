@@ -395,12 +395,6 @@ def test_a_flush_all_that_fails_on_a_live_node_flushes_it_later() -> None:
 # -- pinned calls on a fencing node -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Router.decide returns Decision(None, owner) with down=False for a pinned call of a fenced key "
-    "on a readmitted node, so cas_update returns None (nothing written, no event) even with "
-    "on_error='raise', instead of raising NodeUnavailableError",
-)
 def test_cas_update_on_a_key_still_being_fenced_raises_rather_than_silently_doing_nothing() -> None:
     cluster = Cluster(NODES, failure_threshold=5)
     key = cluster.key_on(A)

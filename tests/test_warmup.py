@@ -203,10 +203,14 @@ def test_set_and_delete_of_a_moved_key_delete_it_on_its_previous_owner_first(clu
 
 
 def test_conditional_writes_delete_the_previous_owners_copy_after_they_take_effect(cluster: Cluster) -> None:
-    (key, old), (key2, old2), *_ = moved_keys(cluster)
+    (key, old), (key2, old2), (key3, _) = moved_keys(cluster)
+    cluster.servers[old].remove(key.encode())  # absent everywhere: add takes effect
     assert cluster.add(key, "added") is True
-    assert cluster.servers[old].peek(key.encode()) is None
-    assert cluster.servers[D].commands[0].startswith(b"add ")  # the write first, then the delete
+    assert cluster.servers[D].commands[-1].startswith(b"add ")
+    assert cluster.get(key) == "added"
+    # present on its previous owner: add must refuse (the value is brought over, not replaced)
+    assert cluster.add(key3, "added") is False
+    assert cluster.get(key3) == key3
     cluster.servers[D].put(key2.encode(), b"on new", flags=16)
     assert cluster.run(cmd.touch(cluster.core, key2, 30, None)) is True
     assert cluster.servers[old2].peek(key2.encode()) is None
@@ -254,12 +258,6 @@ def test_a_previous_owner_that_is_down_costs_writers_no_time() -> None:
     cluster.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_warmup.forget_previous skips a previous owner that is not UP without fencing the key on it, "
-    "so after it is readmitted (still inside the window) a miss warms the pre-window value back from it: "
-    "a delete made while it was down is undone",
-)
 def test_a_delete_while_the_previous_owner_is_down_is_not_undone_when_it_returns() -> None:
     cluster = Cluster(NODES, on_error="miss")
     (key, old), *_ = moved_keys(cluster)
@@ -291,11 +289,6 @@ def test_a_removed_node_is_read_from_while_it_drains(cluster: Cluster) -> None:
     assert cluster.get(keys[1], "miss") == "miss"  # the window is over: a is no longer consulted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_batch.flush_all flushes topology.all_nodes() (ring + gutter) but not the nodes still "
-    "draining in topology.previous_nodes, and a later miss warms the pre-flush value back from them",
-)
 def test_a_flush_all_during_a_drain_window_is_not_undone_by_warm_up(cluster: Cluster) -> None:
     key = cluster.key_on("a:11211")
     cluster.servers["a:11211"].put(key.encode(), b"before flush", flags=16)
@@ -307,23 +300,12 @@ def test_a_flush_all_during_a_drain_window_is_not_undone_by_warm_up(cluster: Clu
 # -- add and locks during a window -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_commands.store sends add to the new owner only: during a window a key that still exists on "
-    "its previous owner is absent there, so add returns True, then forget_previous deletes the existing "
-    "value (add should warm or check the previous owner first)",
-)
 def test_add_of_a_moved_key_that_exists_on_its_previous_owner_is_not_stored(cluster: Cluster) -> None:
     (key, _old), *_ = moved_keys(cluster)
     assert cluster.add(key, "second writer") is False  # observed: True
     assert cluster.get(key) == key  # observed: "second writer"; the value on old was deleted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recipes.Lock acquires with add on the lock key's owner only (see the add xfail above): a lock "
-    "held before add_node is taken again during the warm-up window, two owners at once",
-)
 def test_a_lock_held_before_a_node_is_added_is_not_taken_again_during_the_window(cluster: Cluster) -> None:
     client = types.SimpleNamespace(_engine=Engine(cluster.core, cluster.run))
     ring_after = cluster.topology.ring.with_node(D)
