@@ -36,7 +36,9 @@ def refused(exc: pytest.ExceptionInfo[BaseException], bad: Any) -> None:
 
 @pytest.mark.parametrize("expire", HUGE)
 @pytest.mark.parametrize("noreply", [False, True])
-def test_an_expire_out_of_range_is_refused_before_anything_is_sent(client: Any, expire: int, noreply: bool) -> None:
+def test_an_expire_out_of_range_is_refused_before_anything_is_sent(
+    client: Any, expire: int, noreply: bool
+) -> None:
     for call in (client.set, client.add, client.replace, client.append, client.prepend):
         with pytest.raises(ArgumentError) as exc:
             call("k", b"flush_all", expire=expire, noreply=noreply)
@@ -70,7 +72,10 @@ def test_a_lock_ttl_out_of_range_is_refused(client: Any, ttl: Any) -> None:
         client.lock("rebuild", ttl_s=ttl)
 
 
-@pytest.mark.parametrize("name", [None, 1.5, ("a",), "\ud800", "", b"", 10**9, "caf\u00e9", "a b", "a\r\nset"])
+BAD_NAMES = [None, 1.5, ("a",), "\ud800", "", b"", 10**9, "caf\u00e9", "a b", "a\r\nset"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_lock_names_are_refused_with_our_exception(client: Any, name: Any) -> None:
     with pytest.raises((ArgumentError, KeyValidationError)) as exc:
         client.lock(name)
