@@ -62,18 +62,7 @@ def warm(core: Core, topology: Topology, misses: Sequence[Moved]) -> Flow[dict[b
 def _warm_once(
     core: Core, topology: Topology, misses: Sequence[Moved]
 ) -> Flow[tuple[dict[bytes, Any], set[bytes]]]:
-    now = core.options.clock()
-    sources: dict[str, list[bytes]] = {}
-    nodes: dict[str, Node] = {}
-    owner_of: dict[bytes, Node] = {}
-    for hash_key, wire, owner in misses:
-        old = topology.previous_owner(hash_key, owner, now)
-        if old is None or not old.ready or not owner.ready:
-            continue
-        sources.setdefault(old.node_id, []).append(wire)
-        nodes[old.node_id] = old
-        nodes[owner.node_id] = owner
-        owner_of[wire] = owner
+    sources, nodes, owner_of = _sources(topology, misses, core.options.clock())
     if not sources:
         return {}, set()
     read = b"".join
@@ -82,18 +71,7 @@ def _warm_once(
         for node_id, wires in sources.items()
     }, {node_id: len(wires) for node_id, wires in sources.items()}, "warm-up read")  # fmt: skip
     values = {_key(r): r for r in replies if r.status == b"VA" and _key(r) in owner_of}
-    copies: dict[str, list[bytes]] = {}
-    for wire, reply in list(values.items()):
-        ttl = _number(reply, b"t")
-        try:
-            payload = proto.meta_set(
-                wire, reply.data or b"", flags=_number(reply, b"f"), ttl=0 if ttl < 0 else max(ttl, 1),
-                mode="add", return_cas=True,
-            )  # fmt: skip
-        except ArgumentError:  # flags or TTL out of range: not something memcached sends; not copied
-            del values[wire]
-            continue
-        copies.setdefault(owner_of[wire].node_id, []).append(payload)
+    copies = _copies(values, owner_of)
     stored: dict[bytes, int] = {}
     order = {node_id: [w for w in values if owner_of[w].node_id == node_id] for node_id in copies}
     results = yield from _fanout_by_node(nodes, {n: b"".join(p) for n, p in copies.items()},
@@ -112,6 +90,57 @@ def _warm_once(
             for node_id, wires in recheck.items()
         }, {node_id: len(wires) for node_id, wires in recheck.items()}, "warm-up recheck")  # fmt: skip
         current = {_key(r): r for r in replies if r.status in (b"HD", b"VA")}
+    found, changed, withdraw = _outcome(core, stored, values, current, owner_of)
+    if withdraw:
+        yield from _fanout_by_node(nodes, {n: b"".join(p) for n, p in withdraw.items()},
+                                   {n: len(p) for n, p in withdraw.items()}, "warm-up withdraw")  # fmt: skip
+    return found, changed
+
+
+def _sources(
+    topology: Topology, misses: Sequence[Moved], now: float
+) -> tuple[dict[str, list[bytes]], dict[str, Node], dict[bytes, Node]]:
+    """``({previous owner: wires}, {node_id: node}, {wire: owner})`` for the misses worth copying:
+    the key moved in the window's change, and both its previous owner and its owner are ready."""
+    sources: dict[str, list[bytes]] = {}
+    nodes: dict[str, Node] = {}
+    owner_of: dict[bytes, Node] = {}
+    for hash_key, wire, owner in misses:
+        old = topology.previous_owner(hash_key, owner, now)
+        if old is None or not old.ready or not owner.ready:
+            continue
+        sources.setdefault(old.node_id, []).append(wire)
+        nodes[old.node_id] = old
+        nodes[owner.node_id] = owner
+        owner_of[wire] = owner
+    return sources, nodes, owner_of
+
+
+def _copies(values: dict[bytes, Meta], owner_of: dict[bytes, Node]) -> dict[str, list[bytes]]:
+    """``{owner: [ms add requests]}``: each value with its flags and remaining TTL. A value whose
+    flags or TTL are out of range (not something memcached sends) is dropped from ``values``."""
+    copies: dict[str, list[bytes]] = {}
+    for wire, reply in list(values.items()):
+        ttl = _number(reply, b"t")
+        try:
+            payload = proto.meta_set(
+                wire, reply.data or b"", flags=_number(reply, b"f"), ttl=0 if ttl < 0 else max(ttl, 1),
+                mode="add", return_cas=True,
+            )  # fmt: skip
+        except ArgumentError:
+            del values[wire]
+            continue
+        copies.setdefault(owner_of[wire].node_id, []).append(payload)
+    return copies
+
+
+def _outcome(
+    core: Core, stored: dict[bytes, int], values: dict[bytes, Meta], current: dict[bytes, Meta],
+    owner_of: dict[bytes, Node],
+) -> tuple[dict[bytes, Any], set[bytes], dict[str, list[bytes]]]:  # fmt: skip
+    """For each stored copy: kept (its source is unchanged: ``found``), or withdrawn (``withdraw``
+    requests per owner), and copied again if its source was replaced rather than deleted
+    (``changed``)."""
     withdraw: dict[str, list[bytes]] = {}
     found: dict[bytes, Any] = {}
     changed: set[bytes] = set()
@@ -124,12 +153,9 @@ def _warm_once(
             continue
         try:
             found[wire] = core.serde.deserialize(wire, values[wire].data or b"", _number(values[wire], b"f"))
-        except Exception:
+        except Exception:  # unreadable: a miss, as it would be on its own node
             continue
-    if withdraw:
-        yield from _fanout_by_node(nodes, {n: b"".join(p) for n, p in withdraw.items()},
-                                   {n: len(p) for n, p in withdraw.items()}, "warm-up withdraw")  # fmt: skip
-    return found, changed
+    return found, changed, withdraw
 
 
 def forget_previous(core: Core, topology: Topology, moved: Iterable[Moved]) -> Flow[None]:

@@ -5,9 +5,16 @@ States and transitions::
             failure_threshold consecutive failures
       UP  ───────────────────────────────────────▶  DOWN
       ▲                                              │  ▲
-      │ probe answered and                backoff    │  │ probe failed:
-      │ the node was fenced               elapsed    ▼  │ backoff doubles (capped), jittered
+      │ probe answered:                   backoff    │  │ probe failed:
+      │ readmitted at once                elapsed    ▼  │ backoff doubles (capped), jittered
       └───────────────────────────────────────────  PROBING
+
+Readmission comes first, fencing after: once a probe is answered the node is UP again and takes
+writes at once (so stand-ins stop collecting new copies), but it is not *ready* until the prober
+has deleted the keys written elsewhere while it was away (its fence log, or a flush past
+``fence_max_keys``) and the stand-ins' copies: until then a read of a fenced key misses and a
+pinned call (counter, CAS, lock) on one raises. See ``shardcache._prober`` and
+``shardcache._topology.Node.ready``.
 
 A DOWN node costs requests no time: the client routes its keys by the failover policy at once. Only
 the prober (one background thread per client) probes a node, so no request ever waits on a probe.
@@ -45,7 +52,12 @@ class Clock(Protocol):
 class Event:
     """Something that happened to a node, as delivered to ``Client.add_listener`` callbacks.
 
-    ``kind`` is one of ``"node_down"``, ``"node_up"``, ``"failover"``, ``"error"``, ``"fenced"``.
+    ``kind`` is one of eight: ``"node_down"``, ``"node_up"``, ``"failover"`` (its keys now go to a
+    stand-in), ``"error"`` (a failed or refused call; ``error`` and ``key`` say which), ``"fenced"``
+    (a readmitted node forgot the keys written elsewhere meanwhile), ``"node_added"``,
+    ``"node_removed"`` (membership changes; ``detail`` names the warm-up or drain window) and
+    ``"discovery_failed"`` (the discovery callable failed or returned nothing; the last good list
+    stays).
     """
 
     kind: str
