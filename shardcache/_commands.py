@@ -305,6 +305,8 @@ def store(
     if type(reply) is ErrorReply:
         core.refused(target, reply, what, key, kind)
         return UNAVAILABLE
+    if target is not owner:
+        owner.landed_elsewhere(target, wire)
     if reply == _STORED:
         if kind.forget_after and topology.previous is not None:
             # a conditional write took effect: the previous owner's copy must not come back

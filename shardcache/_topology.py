@@ -95,8 +95,8 @@ class Node:
     being removed and must not be read.
     """
 
-    __slots__ = ("_copies", "_fence", "_lock", "_stale", "_wake", "errors", "failovers", "health", "node_id",
-                 "ops", "pool", "ready", "spec", "timeouts")  # fmt: skip
+    __slots__ = ("_copies", "_fence", "_lock", "_removing", "_stale", "_wake", "errors", "failovers",
+                 "health", "node_id", "ops", "pool", "ready", "spec", "timeouts")  # fmt: skip
 
     def __init__(
         self, spec: NodeSpec, pool: NodePool, health: NodeHealth, fence_limit: int, wake: Callable[[], None]
@@ -115,6 +115,7 @@ class Node:
         self._fence = FenceLog(fence_limit)
         self._copies: dict[str, set[bytes]] = {}
         self._stale: dict[str, set[bytes]] = {}
+        self._removing: dict[str, set[bytes]] = {}  # stale copies the prober is deleting now
 
     # -- reports from the request path ------------------------------------------------------------
 
@@ -187,9 +188,9 @@ class Node:
                 self._stale.setdefault(holder, set()).add(wire)
         if holder_id is None:
             return
-        stale = self._stale.get(holder_id)
-        if stale is not None:
-            stale.discard(wire)  # the stand-in is about to hold a fresh value
+        for stale in (self._stale.get(holder_id), self._removing.get(holder_id)):
+            if stale is not None:
+                stale.discard(wire)  # the stand-in is about to hold a fresh value
         copies = self._copies.setdefault(holder_id, set())
         if len(copies) < self._fence.limit:
             copies.add(wire)
@@ -198,8 +199,25 @@ class Node:
 
     def stale_on(self, stand_in: Node, wire: bytes) -> bool:
         """True if ``stand_in`` may still hold an outdated copy of ``wire`` from an earlier outage."""
-        stale = self._stale.get(stand_in.node_id)
-        return stale is not None and wire in stale
+        holder = stand_in.node_id
+        stale = self._stale.get(holder)
+        if stale is not None and wire in stale:
+            return True
+        removing = self._removing.get(holder)  # being deleted: still outdated until that is done
+        return removing is not None and wire in removing
+
+    def landed_elsewhere(self, stand_in: Node, wire: bytes) -> None:
+        """A write routed to ``stand_in`` while this node was away has completed. If this node
+        was readmitted meanwhile, its copies may already have been removed before this one
+        landed: record it as stale, so it is removed too and never read."""
+        if self.health.state != UP:
+            return  # still away: the copy is recorded (stood_in) and removed on readmission
+        with self._lock:
+            copies = self._copies.get(stand_in.node_id)
+            if copies is not None and wire in copies:
+                return
+            self._stale.setdefault(stand_in.node_id, set()).add(wire)
+        self._wake()
 
     def retire_copies(self) -> None:
         """The node is back: no request stands in for it any more, so its stand-ins' copies are
@@ -217,6 +235,7 @@ class Node:
         with self._lock:
             keys, flush = self._fence._take()
             stale, self._stale = self._stale, {}
+            self._removing = {holder: set(wires) for holder, wires in stale.items()}  # read as stale
         return ForgetWork(keys, flush, stale)
 
     def settle_work(self, work: ForgetWork, *, done: bool, kept_stale: Mapping[str, set[bytes]]) -> None:
@@ -226,6 +245,7 @@ class Node:
             self._fence._settle(done)
             for holder, wires in (work.stale if not done else kept_stale).items():
                 self._stale.setdefault(holder, set()).update(wires)
+            self._removing = {}
             self._refresh_ready()
 
     def refresh_ready(self) -> None:

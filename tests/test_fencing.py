@@ -187,12 +187,6 @@ def test_copies_of_an_earlier_outage_are_never_read_if_the_node_fails_again_firs
     assert cluster.get(key, "miss") == "miss"  # and never read: it is older than the last write
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Node.take_work moves the stale stand-in copies out of Node._stale while the prober removes "
-    "them, so Node.stale_on is False during that pass: if the node fails again meanwhile, a read is "
-    "served the old copy (FenceLog keeps in-flight keys recorded; stale copies get no such protection)",
-)
 def test_copies_being_removed_are_never_read_if_the_node_fails_again_meanwhile() -> None:
     cluster = Cluster(NODES, failover="remap")
     key = cluster.key_on(A)
@@ -209,15 +203,9 @@ def test_copies_being_removed_are_never_read_if_the_node_fails_again_meanwhile()
     cluster.servers[A].before = fails_again
     cluster.revive(A)
     cluster.prober_pass()
-    assert seen == {"written": True, "read": "miss"}  # observed: "read": "outage 1"
+    assert seen == {"written": True, "read": "miss"}  # was: "read": "outage 1" (before the fix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stand-in write routed before readmission but landing after the prober removed the copies "
-    "is recorded nowhere (Node.retire_copies/take_work already ran), so it survives on the stand-in and "
-    "is read if the owner fails again, although a newer value was written on the owner meanwhile",
-)
 def test_a_stand_in_write_in_flight_during_readmission_never_resurfaces() -> None:
     cluster = Cluster(NODES, failover="remap")
     key = cluster.key_on(A)
@@ -237,7 +225,7 @@ def test_a_stand_in_write_in_flight_during_readmission_never_resurfaces() -> Non
     assert stalled == [True, True] and holder.peek(key.encode()) == b"during"  # landed after removal
     assert cluster.set(key, "after") is True  # on a itself
     cluster.fail(A)
-    assert cluster.get(key, "miss") in ("miss", "after")  # observed: "during"
+    assert cluster.get(key, "miss") in ("miss", "after")  # never "during"
 
 
 def test_a_fresh_write_during_a_second_outage_replaces_the_stale_copy() -> None:

@@ -266,7 +266,7 @@ def test_a_delete_while_the_previous_owner_is_down_is_not_undone_when_it_returns
     cluster.revive(old)
     cluster.prober_pass()
     assert cluster.node(old).ready and cluster.topology.previous is not None  # back, window still open
-    assert cluster.get(key, "miss") == "miss"  # observed: the deleted value, copied back from old
+    assert cluster.get(key, "miss") == "miss"  # was: the deleted value, copied back from old (before the fix)
     cluster.close()
 
 
@@ -294,7 +294,7 @@ def test_a_flush_all_during_a_drain_window_is_not_undone_by_warm_up(cluster: Clu
     cluster.servers["a:11211"].put(key.encode(), b"before flush", flags=16)
     cluster.change(cluster.topology.ring.without_node("a:11211"), 60)
     assert cluster.run(_batch.flush_all(cluster.core, 0)) == {"b:11211": True, "c:11211": True}
-    assert cluster.get(key, "miss") == "miss"  # observed: "before flush", copied from the draining a
+    assert cluster.get(key, "miss") == "miss"  # was: "before flush" (copied from the draining a)
 
 
 # -- add and locks during a window -------------------------------------------------------------------
@@ -302,8 +302,8 @@ def test_a_flush_all_during_a_drain_window_is_not_undone_by_warm_up(cluster: Clu
 
 def test_add_of_a_moved_key_that_exists_on_its_previous_owner_is_not_stored(cluster: Cluster) -> None:
     (key, _old), *_ = moved_keys(cluster)
-    assert cluster.add(key, "second writer") is False  # observed: True
-    assert cluster.get(key) == key  # observed: "second writer"; the value on old was deleted
+    assert cluster.add(key, "second writer") is False  # was: True (before the fix)
+    assert cluster.get(key) == key  # was: "second writer"; the value on old was deleted (before the fix)
 
 
 def test_a_lock_held_before_a_node_is_added_is_not_taken_again_during_the_window(cluster: Cluster) -> None:
@@ -314,7 +314,7 @@ def test_a_lock_held_before_a_node_is_added_is_not_taken_again_during_the_window
     assert first.acquire(blocking=False) is True
     cluster.change(ring_after, 60)
     second = recipes.Lock(client, name, ttl_s=30, blocking_timeout_s=0)
-    assert second.acquire(blocking=False) is False  # observed: True
+    assert second.acquire(blocking=False) is False  # was: True (before the fix)
     assert first.release() is True
 
 
