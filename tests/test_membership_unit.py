@@ -193,3 +193,48 @@ def test_a_gutter_server_cannot_join_the_ring() -> None:
     with pytest.raises(ConfigurationError, match="gutter server"):
         client.set_nodes(["192.0.2.1:11211", "192.0.2.8:11211"])
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "same_as"),
+    [
+        (("127.0.0.1", 11211), ("::1", 11211, 0, 0)),
+        (("127.0.0.2", 11211), ("::ffff:127.0.0.1", 11211, 0, 0)),
+        (("10.0.0.1", 11211), ("::ffff:10.0.0.1", 11211, 0, 0)),
+        ("/run/memcached.sock", "/run/memcached.sock"),
+    ],
+)
+def test_two_addresses_of_one_server_are_recognised(peer: object, same_as: object) -> None:
+    from shardcache._membership import _same_server_key
+
+    assert _same_server_key(peer) == _same_server_key(same_as)
+    assert _same_server_key(("10.0.0.1", 11211)) != _same_server_key(("10.0.0.1", 11212))
+    assert _same_server_key(("10.0.0.1", 11211)) != _same_server_key(("127.0.0.1", 11211))
+
+
+class _Socket:
+    def __init__(self, peer: object) -> None:
+        self.peer = peer
+
+    def getpeername(self) -> object:
+        if self.peer is None:
+            raise OSError("not connected")
+        return self.peer
+
+
+class _Conn:
+    def __init__(self, peer: object) -> None:
+        self.sock = _Socket(peer)
+
+
+def test_two_ring_nodes_reaching_one_server_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = Cluster(NODES)
+    membership = cluster.membership
+    with caplog.at_level("WARNING", logger="shardcache"):
+        membership._connected(A, _Conn(("127.0.0.1", 11211)))  # type: ignore[arg-type]
+        membership._connected("c:11211", _Conn(None))  # type: ignore[arg-type]  # gone: ignored
+        assert not caplog.records
+        membership._connected("b:11211", _Conn(("::1", 11211, 0, 0)))  # type: ignore[arg-type]
+    assert len(caplog.records) == 1
+    assert A in caplog.records[0].getMessage() and "b:11211" in caplog.records[0].getMessage()
+    cluster.close()

@@ -372,3 +372,15 @@ def test_a_cas_loops_read_of_a_moved_key_is_warmed_then_answered_by_the_new_owne
     value, token = cluster.run(cmd.gets(cluster.core, key, CallKind.PINNED_READ))
     assert value == key and token.node_id == D
     assert cluster.servers[D].peek(key.encode()) == key.encode()
+
+
+def test_a_value_with_flags_out_of_range_on_the_previous_owner_is_a_miss_not_an_error(
+    cluster: Cluster,
+) -> None:
+    """A lying (or foreign) previous owner: flags no memcached client could have set are not copied
+    (and not sent on: the encoder refuses them), the read is a miss, nothing raises."""
+    (key, old), (key2, _), *_ = moved_keys(cluster)
+    cluster.servers[old].put(key.encode(), b"x", flags=2**40, ttl=300)
+    assert cluster.get(key, "miss") == "miss"
+    assert cluster.servers[D].peek(key.encode()) is None
+    assert cluster.get(key2) == key2  # the other moved keys still warm up
