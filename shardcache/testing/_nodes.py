@@ -356,6 +356,11 @@ class ProcessNode(MemcachedNode):
             raise ServerSetupError(f"{self.spec} is not running")
         self._proc.send_signal(signal.SIGSTOP)
         self._paused = True
+        # SIGSTOP is delivered asynchronously: a request sent right after kill() could still be
+        # answered. Return only once every thread of the process is stopped (bounded: 5 s).
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not _all_threads_stopped(self._proc.pid):
+            time.sleep(0.001)
 
     def unpause(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -373,3 +378,21 @@ class ProcessNode(MemcachedNode):
             self._stderr = None
         self._closed = True
         self._unregister_atexit()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """True when every thread of ``pid`` is in the stopped state (``T``), read from /proc; True
+    where /proc is unavailable (nothing better to wait for)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread is gone
+        if state not in ("T", "t"):
+            return False
+    return True
