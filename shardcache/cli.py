@@ -16,7 +16,6 @@ Only the public API (``import shardcache``) is used, as for any other integratio
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -26,39 +25,36 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import shardcache
+from shardcache._cli_output import (
+    EXIT_NODE_DOWN,
+    EXIT_OK,
+    EXIT_USAGE,
+    Context,
+    UsageError,
+    duration,
+    emit_json,
+    pct,
+    plain_table,
+    size,
+    status_cell,
+    stdout_console,
+)
 
 if TYPE_CHECKING:  # rich is the optional 'cli' extra: imported when the command runs
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
 __all__ = ["main"]
 
 ENV_SERVERS = "SHARDCACHE_SERVERS"
-EXIT_OK, EXIT_NODE_DOWN, EXIT_USAGE = 0, 1, 2
-_CLI_HINT = "pip install 'shardcache[cli]'"
 _PLOT_HINT = "pip install 'shardcache[plot]'"
 _MAX_WORKERS = 32
-_NON_TTY_WIDTH = 200
 
 T = TypeVar("T")
-
-
-class UsageError(Exception):
-    """A bad argument or configuration: printed to stderr, exit code 2."""
-
-
-@dataclass(frozen=True)
-class _Context:
-    ring: shardcache.Ring
-    json: bool
-    timeout: float
-    console: Console
 
 
 # -- argument parsing -------------------------------------------------------------------------------
@@ -198,14 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or argparse's own usage error (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _configure_logging(args.verbose)
-    commands: dict[str, Callable[[_Context, argparse.Namespace], int]] = {
+    commands: dict[str, Callable[[Context, argparse.Namespace], int]] = {
         "locate": _locate,
         "plan": _plan,
         "stats": _stats,
         "ping": _ping,
     }
     try:
-        context = _Context(_servers(args), args.json, args.timeout, _console())
+        context = Context(_servers(args), args.json, args.timeout, stdout_console())
         return commands[args.command](context, args)
     except UsageError as exc:
         print(f"shardcache: error: {exc}", file=sys.stderr)
@@ -228,86 +224,10 @@ def _configure_logging(verbose: bool) -> None:
         )
 
 
-# -- output helpers ---------------------------------------------------------------------------------
-
-
-def _console() -> Console:
-    try:
-        from rich.console import Console  # noqa: PLC0415  (optional dependency: the 'cli' extra)
-    except ImportError:
-        raise UsageError(f"the shardcache command needs rich: {_CLI_HINT}") from None
-    console = Console(file=sys.stdout, highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # Piped output: don't squeeze tables into 80 columns.
-        console = Console(file=sys.stdout, highlight=False, width=_NON_TTY_WIDTH)
-    return console
-
-
-def _emit_json(document: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    sys.stdout.flush()
-
-
-def _pct(fraction: float | None, digits: int = 2) -> str:
-    return "-" if fraction is None else f"{fraction * 100:.{digits}f}%"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
-
-
-def _status(up: bool) -> Text:
-    from rich.text import Text  # noqa: PLC0415  (optional dependency, loaded by _console() already)
-
-    return Text("up", style="green") if up else Text("DOWN", style="bold red")
-
-
-def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]) -> Table:
-    """A table whose cells are plain text (node ids like ``[::1]:11211`` are not rich markup).
-
-    A column title starting with ``>`` is right-aligned; ``Node``, ``From`` and ``To`` never wrap.
-    """
-    from rich.table import Table  # noqa: PLC0415  (optional dependency, loaded by _console() already)
-    from rich.text import Text  # noqa: PLC0415
-
-    table = Table(title=Text(title))
-    for column in columns:
-        name = column.lstrip(">")
-        table.add_column(
-            name,
-            justify="right" if column.startswith(">") else "left",
-            no_wrap=name in ("Node", "From", "To"),
-            overflow="fold",
-        )
-    for row in rows:
-        table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in row))
-    return table
-
-
 # -- locate -----------------------------------------------------------------------------------------
 
 
-def _locate(ctx: _Context, args: argparse.Namespace) -> int:
+def _locate(ctx: Context, args: argparse.Namespace) -> int:
     ring = ctx.ring
     placed = []
     for key in args.keys:
@@ -317,11 +237,11 @@ def _locate(ctx: _Context, args: argparse.Namespace) -> int:
         shown = raw.decode("utf-8", "backslashreplace")
         placed.append({"key": shown, "node": order[0], "preference_list": list(order)})
     if ctx.json:
-        _emit_json({"hashing": ring.hashing, "nodes": list(ring.nodes), "keys": placed})
+        emit_json({"hashing": ring.hashing, "nodes": list(ring.nodes), "keys": placed})
         return EXIT_OK
     rows = [[p["key"], p["node"], " → ".join(p["preference_list"][1:]) or "-"] for p in placed]
     title = f"Key placement ({ring.hashing}, {len(ring)} nodes)"
-    ctx.console.print(_table(title, ["Key", "Node", "Failover order"], rows))
+    ctx.console.print(plain_table(title, ["Key", "Node", "Failover order"], rows))
     return EXIT_OK
 
 
@@ -384,7 +304,7 @@ def _check_plot_available() -> None:
         raise UsageError(f"--plot needs matplotlib: {_PLOT_HINT}") from None
 
 
-def _plan(ctx: _Context, args: argparse.Namespace) -> int:
+def _plan(ctx: Context, args: argparse.Namespace) -> int:
     before = ctx.ring
     if args.plot:
         _check_plot_available()
@@ -447,7 +367,7 @@ def _plan(ctx: _Context, args: argparse.Namespace) -> int:
     if args.plot:
         _draw_plan(args.plot, nodes, diff.moved, before.hashing)
     if ctx.json:
-        _emit_json(document)
+        emit_json(document)
     else:
         _print_plan(ctx.console, document)
     return EXIT_OK
@@ -461,28 +381,28 @@ def _print_plan(console: Console, doc: dict[str, Any]) -> None:
     for node, row in doc["nodes"].items():
         wb, wa = row["weight_before"], row["weight_after"]
         weight = f"{wb}" if wb == wa else f"{'-' if wb is None else wb} → {'-' if wa is None else wa}"
-        cells = [node, row["status"], weight, _pct(row["share_before"]), _pct(row["share_after"])]
+        cells = [node, row["status"], weight, pct(row["share_before"]), pct(row["share_after"])]
         if keys is not None:
             cells += [str(row["keys_before"]), str(row["keys_after"])]
         rows.append(cells)
     title = f"Ring change ({doc['hashing']}): {len(doc['before'])} → {len(doc['after'])} nodes"
-    console.print(_table(title, columns, rows))
-    console.print(f"Keys that move: {_pct(doc['moved_fraction'])} of the key space", markup=False)
+    console.print(plain_table(title, columns, rows))
+    console.print(f"Keys that move: {pct(doc['moved_fraction'])} of the key space", markup=False)
     if keys is not None:
         console.print(
             f"Keys from {keys['file']} that move: {keys['moved']} of {keys['total']}"
-            f" ({_pct(keys['moved_fraction'])})",
+            f" ({pct(keys['moved_fraction'])})",
             markup=False,
         )
     if doc["flows"]:
         counted = {(f["from"], f["to"]): str(f["keys"]) for f in keys["flows"]} if keys is not None else None
         rows = [
-            [f["from"], f["to"], _pct(f["fraction"])]
+            [f["from"], f["to"], pct(f["fraction"])]
             + ([counted.get((f["from"], f["to"]), "0")] if counted is not None else [])
             for f in doc["flows"]
         ]
         columns = ["From", "To", ">Share of keys"] + ([">Keys"] if counted is not None else [])
-        console.print(_table("Where the moving keys go", columns, rows))
+        console.print(plain_table("Where the moving keys go", columns, rows))
 
 
 def _draw_plan(path: str, nodes: dict[str, dict[str, Any]], moved: float, hashing: str) -> None:
@@ -522,7 +442,7 @@ def _draw_plan(path: str, nodes: dict[str, dict[str, Any]], moved: float, hashin
 
 
 def _each_node(
-    ctx: _Context, probe: Callable[[shardcache.Client], T], what: str
+    ctx: Context, probe: Callable[[shardcache.Client], T], what: str
 ) -> list[tuple[str, T | Exception]]:
     """Run ``probe`` against every node in parallel, each with its own single-node client.
 
@@ -588,33 +508,33 @@ def _print_nodes(
     down = any(not row["up"] for row in nodes.values())
     rows: list[list[str | Text]] = []
     for node, row in nodes.items():
-        cells_row: list[str | Text] = [node, _status(row["up"])]
+        cells_row: list[str | Text] = [node, status_cell(row["up"])]
         cells_row += cells(row) if row["up"] else ["-"] * len(columns)
         rows.append(cells_row + ([row["error"] or ""] if down else []))
-    console.print(_table(title, ["Node", "Status", *columns] + (["Error"] if down else []), rows))
+    console.print(plain_table(title, ["Node", "Status", *columns] + (["Error"] if down else []), rows))
 
 
-def _stats(ctx: _Context, args: argparse.Namespace) -> int:
+def _stats(ctx: Context, args: argparse.Namespace) -> int:
     def probe(client: shardcache.Client) -> dict[bytes, Any]:
         return next(iter(client.stats().values()))
 
     def cells(row: dict[str, Any]) -> list[str]:
         used, limit = row["bytes"], row["limit_maxbytes"]
-        memory = f"{_bytes(used)} / {_bytes(limit)}" + (f" ({used / limit:.0%})" if used and limit else "")
+        memory = f"{size(used)} / {size(limit)}" + (f" ({used / limit:.0%})" if used and limit else "")
         return [
             row["version"] or "-",
             str(row["curr_items"]),
             memory,
-            _pct(row["hit_ratio"], 1),
+            pct(row["hit_ratio"], 1),
             str(row["evictions"]),
             str(row["curr_connections"]),
-            _duration(row["uptime"]),
+            duration(row["uptime"]),
         ]
 
     nodes = {node: _stats_row(result) for node, result in _each_node(ctx, probe, "stats")}
     down = sum(not row["up"] for row in nodes.values())
     if ctx.json:
-        _emit_json({"nodes": nodes, "up": len(nodes) - down, "down": down})
+        emit_json({"nodes": nodes, "up": len(nodes) - down, "down": down})
     else:
         columns = ["Version", ">Items", ">Memory used / limit", ">Hit ratio", ">Evictions", ">Connections"]
         title = f"memcached stats: {len(nodes) - down} up, {down} down"
@@ -622,7 +542,7 @@ def _stats(ctx: _Context, args: argparse.Namespace) -> int:
     return EXIT_NODE_DOWN if down else EXIT_OK
 
 
-def _ping(ctx: _Context, args: argparse.Namespace) -> int:
+def _ping(ctx: Context, args: argparse.Namespace) -> int:
     count: int = args.count
 
     def probe(client: shardcache.Client) -> tuple[str, list[float]]:
@@ -652,7 +572,7 @@ def _ping(ctx: _Context, args: argparse.Namespace) -> int:
         }
     down = sum(not row["up"] for row in nodes.values())
     if ctx.json:
-        _emit_json({"nodes": nodes, "count": count, "up": len(nodes) - down, "down": down})
+        emit_json({"nodes": nodes, "count": count, "up": len(nodes) - down, "down": down})
     else:
         title = f"ping (median of {count} round trips): {len(nodes) - down} up, {down} down"
         _print_nodes(ctx.console, title, ["Version", ">RTT median", ">min", ">max"], nodes, cells)
