@@ -94,39 +94,44 @@ def _check_plot_available() -> None:
 
 
 def plan(ctx: Context, args: argparse.Namespace) -> int:
+    """Report what the ``--remove``/``--add``/``--weight`` changes to ``ctx.ring`` move."""
     before = ctx.ring
     if args.plot:
         _check_plot_available()
     after = _apply_changes(before, args)
     keys = _read_keys(args.keys) if args.keys is not None else None
+    diff = before.diff(after)
+    nodes = _node_rows(before, after, keys)
+    document = {
+        "hashing": before.hashing,
+        "before": list(before.nodes),
+        "after": list(after.nodes),
+        "nodes": nodes,
+        "moved_fraction": diff.moved,
+        "flows": [{"from": src, "to": dst, "fraction": frac} for (src, dst), frac in _largest_first(diff)],
+        "keys": _key_report(before, after, keys, args.keys) if keys is not None else None,
+        "plot": args.plot,
+    }
+    if args.plot:
+        _draw_plan(args.plot, nodes, diff.moved, before.hashing)
+    if ctx.json:
+        emit_json(document)
+    else:
+        _print_plan(ctx.console, document)
+    return EXIT_OK
 
+
+def _node_rows(
+    before: shardcache.Ring, after: shardcache.Ring, keys: list[bytes] | None
+) -> dict[str, dict[str, Any]]:
+    """One row per node on either ring (``before``'s order, then added nodes): its change, weight,
+    share of the key space and, with ``keys``, how many of them it holds."""
     share_before, share_after = before.share(), after.share()
     weight_before, weight_after = _weights(before), _weights(after)
-    diff = before.diff(after)
-    node_ids = list(dict.fromkeys((*before.nodes, *after.nodes)))
-
-    count_before: Counter[str] = Counter()
-    count_after: Counter[str] = Counter()
-    key_report: dict[str, Any] | None = None
-    if keys is not None:
-        count_before.update(map(before.node_for, keys))
-        count_after.update(map(after.node_for, keys))
-        kdiff = before.diff(after, keys)
-        total = kdiff.keys_counted or 0
-        flows = sorted(kdiff.flows.items(), key=lambda item: (-item[1], item[0]))
-        key_report = {
-            "file": args.keys,
-            "total": total,
-            "moved": round(kdiff.moved * total),
-            "moved_fraction": kdiff.moved,
-            "flows": [
-                {"from": src, "to": dst, "keys": round(frac * total), "fraction": frac}
-                for (src, dst), frac in flows
-            ],
-        }
-
+    count_before = Counter(map(before.node_for, keys or ()))
+    count_after = Counter(map(after.node_for, keys or ()))
     nodes: dict[str, dict[str, Any]] = {}
-    for node in node_ids:
+    for node in dict.fromkeys((*before.nodes, *after.nodes)):
         wb, wa = weight_before.get(node), weight_after.get(node)
         status = (
             "added" if wb is None else "removed" if wa is None else "reweighted" if wb != wa else "unchanged"
@@ -140,26 +145,30 @@ def plan(ctx: Context, args: argparse.Namespace) -> int:
             "keys_before": count_before[node] if keys is not None else None,
             "keys_after": count_after[node] if keys is not None else None,
         }
-    document = {
-        "hashing": before.hashing,
-        "before": list(before.nodes),
-        "after": list(after.nodes),
-        "nodes": nodes,
+    return nodes
+
+
+def _key_report(
+    before: shardcache.Ring, after: shardcache.Ring, keys: list[bytes], file: str
+) -> dict[str, Any]:
+    """How many of ``keys`` (read from ``file``) move, and from which node to which."""
+    diff = before.diff(after, keys)
+    total = diff.keys_counted or 0
+    return {
+        "file": file,
+        "total": total,
+        "moved": round(diff.moved * total),
         "moved_fraction": diff.moved,
         "flows": [
-            {"from": src, "to": dst, "fraction": frac}
-            for (src, dst), frac in sorted(diff.flows.items(), key=lambda item: (-item[1], item[0]))
+            {"from": src, "to": dst, "keys": round(frac * total), "fraction": frac}
+            for (src, dst), frac in _largest_first(diff)
         ],
-        "keys": key_report,
-        "plot": args.plot,
     }
-    if args.plot:
-        _draw_plan(args.plot, nodes, diff.moved, before.hashing)
-    if ctx.json:
-        emit_json(document)
-    else:
-        _print_plan(ctx.console, document)
-    return EXIT_OK
+
+
+def _largest_first(diff: shardcache.RingDiff) -> list[tuple[tuple[str, str], float]]:
+    """``diff.flows`` from the largest to the smallest, then by ``(from, to)``."""
+    return sorted(diff.flows.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _print_plan(console: Console, doc: dict[str, Any]) -> None:
