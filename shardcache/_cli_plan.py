@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import shardcache
 from shardcache._cli_output import EXIT_OK, Context, UsageError, emit_json, pct, plain_table
+from shardcache.nodes import MAX_WEIGHT
 
 if TYPE_CHECKING:  # rich is the optional 'cli' extra: imported when the command runs
     from rich.console import Console
@@ -67,10 +68,22 @@ def _apply_changes(before: shardcache.Ring, args: argparse.Namespace) -> shardca
             raise UsageError(f"--add {spec!r}: {exc}") from None
     for item in args.weight:
         node, sep, weight = item.rpartition("=")
-        if not sep or not node or not weight.isdigit() or int(weight) < 1:
-            raise UsageError(f"--weight {item!r}: expected ID=W with W a positive integer")
-        after = after.with_weight(_resolve_id(after, node, f"--weight {item!r}"), int(weight))
+        if not sep or not node or not _is_weight(weight):
+            raise UsageError(f"--weight {item!r}: expected ID=W with W an integer in 1..{MAX_WEIGHT}")
+        node_id = _resolve_id(after, node, f"--weight {item!r}")
+        try:
+            after = after.with_weight(node_id, int(weight))
+        except shardcache.ConfigurationError as exc:  # the ring's total weight is over its bound
+            raise UsageError(f"--weight {item!r}: {exc}") from None
     return after
+
+
+def _is_weight(text: str) -> bool:
+    """Whether ``text`` is a node weight: ASCII digits for an int in 1..MAX_WEIGHT."""
+    if not (text.isascii() and text.isdigit()):
+        return False
+    # Count the digits before int(): thousands of them make int() raise ValueError.
+    return len(text.lstrip("0")) <= len(str(MAX_WEIGHT)) and 1 <= int(text) <= MAX_WEIGHT
 
 
 def _read_keys(path: str) -> list[bytes]:

@@ -10,9 +10,9 @@ docs/cli.md). Errors go to stderr. Exit codes: 0 ok, 1 a node is down, 2 usage o
 rich is the ``cli`` extra, imported when a command runs: without it every command exits 2 with
 ``pip install 'shardcache[cli]'``.
 
-Only the public API (``import shardcache``) is used, as for any other integration. ``plan`` lives in
-``shardcache._cli_plan``; what every subcommand shares (context, usage errors, output) in
-``shardcache._cli_output``.
+Only the public API is used, as for any other integration: ``import shardcache`` and the documented
+``shardcache.nodes.MAX_WEIGHT``. ``plan`` lives in ``shardcache._cli_plan``; what every subcommand
+shares (context, usage errors, output) in ``shardcache._cli_output``.
 """
 
 from __future__ import annotations
