@@ -35,8 +35,7 @@ from typing import Any
 from pymemcache.client.base import Client as PymemcacheClient
 
 from benchmarks._util import environment, goal, print_header, print_table, write_json
-from shardcache import Client, Ring
-from shardcache import ring as ring_module
+from shardcache import Client, Ring, _ring_math
 from shardcache.testing import LocalCluster
 
 WARMUP_S = 300.0  # the window outlasts every read pass
@@ -275,14 +274,14 @@ def swap_case(s: Settings, n: int, use_numpy: bool) -> dict[str, Any]:
     """Swaps on a Client of ``n`` node specs: alone, then while reader threads route keys.
 
     ``use_numpy=False`` forces the pure-Python ring build (what users without the ``fast`` extra
-    get) through the ring module's private switch, the one its tests use.
+    get) through the slot-table module's private switch, the one its tests use.
     """
-    saved = ring_module._use_numpy
-    ring_module._use_numpy = use_numpy
+    saved = _ring_math._use_numpy
+    _ring_math._use_numpy = use_numpy
     try:
         return _swap_case(s, n)
     finally:
-        ring_module._use_numpy = saved
+        _ring_math._use_numpy = saved
 
 
 def _swap_case(s: Settings, n: int) -> dict[str, Any]:
@@ -325,7 +324,7 @@ def bench_swap(s: Settings, goals: list[dict[str, Any]]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     rows = []
     ours: list[dict[str, Any]] = []
-    numpy = ring_module._numpy_available()
+    numpy = _ring_math.numpy_available()
     cases = [(n, numpy) for n in s.swap_nodes]
     if numpy:
         cases.append((max(s.swap_nodes), False))

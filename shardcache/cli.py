@@ -10,55 +10,51 @@ docs/cli.md). Errors go to stderr. Exit codes: 0 ok, 1 a node is down, 2 usage o
 rich is the ``cli`` extra, imported when a command runs: without it every command exits 2 with
 ``pip install 'shardcache[cli]'``.
 
-Only the public API (``import shardcache``) is used, as for any other integration.
+Only the public API is used, as for any other integration: ``import shardcache`` and the documented
+``shardcache.nodes.MAX_WEIGHT``. ``plan`` lives in ``shardcache._cli_plan``; what every subcommand
+shares (context, usage errors, output) in ``shardcache._cli_output``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import statistics
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import shardcache
+from shardcache import _cli_plan
+from shardcache._cli_output import (
+    EXIT_NODE_DOWN,
+    EXIT_OK,
+    EXIT_USAGE,
+    Context,
+    UsageError,
+    duration,
+    emit_json,
+    pct,
+    plain_table,
+    size,
+    status_cell,
+    stdout_console,
+)
 
 if TYPE_CHECKING:  # rich is the optional 'cli' extra: imported when the command runs
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
 __all__ = ["main"]
 
 ENV_SERVERS = "SHARDCACHE_SERVERS"
-EXIT_OK, EXIT_NODE_DOWN, EXIT_USAGE = 0, 1, 2
-_CLI_HINT = "pip install 'shardcache[cli]'"
-_PLOT_HINT = "pip install 'shardcache[plot]'"
 _MAX_WORKERS = 32
-_NON_TTY_WIDTH = 200
 
 T = TypeVar("T")
-
-
-class UsageError(Exception):
-    """A bad argument or configuration: printed to stderr, exit code 2."""
-
-
-@dataclass(frozen=True)
-class _Context:
-    ring: shardcache.Ring
-    json: bool
-    timeout: float
-    console: Console
 
 
 # -- argument parsing -------------------------------------------------------------------------------
@@ -146,15 +142,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "Removals apply first, then additions, then weights."
         ),
     )
-    plan.add_argument("--add", action="append", default=[], metavar="SPEC", help="add a node (repeatable)")
-    plan.add_argument(
-        "--remove", action="append", default=[], metavar="ID", help="remove a node (repeatable)"
-    )
-    plan.add_argument(
-        "--weight", action="append", default=[], metavar="ID=W", help="set a node's weight (repeatable)"
-    )
-    plan.add_argument("--keys", metavar="FILE", help="also count these keys, one per line ('-': stdin)")
-    plan.add_argument("--plot", metavar="FILE.png", help=f"draw the key share before/after ({_PLOT_HINT})")
+    _cli_plan.add_arguments(plan)
 
     sub.add_parser(
         "stats",
@@ -198,14 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or argparse's own usage error (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _configure_logging(args.verbose)
-    commands: dict[str, Callable[[_Context, argparse.Namespace], int]] = {
+    commands: dict[str, Callable[[Context, argparse.Namespace], int]] = {
         "locate": _locate,
-        "plan": _plan,
+        "plan": _cli_plan.plan,
         "stats": _stats,
         "ping": _ping,
     }
     try:
-        context = _Context(_servers(args), args.json, args.timeout, _console())
+        context = Context(_servers(args), args.json, args.timeout, stdout_console())
         return commands[args.command](context, args)
     except UsageError as exc:
         print(f"shardcache: error: {exc}", file=sys.stderr)
@@ -228,86 +216,10 @@ def _configure_logging(verbose: bool) -> None:
         )
 
 
-# -- output helpers ---------------------------------------------------------------------------------
-
-
-def _console() -> Console:
-    try:
-        from rich.console import Console  # noqa: PLC0415  (optional dependency: the 'cli' extra)
-    except ImportError:
-        raise UsageError(f"the shardcache command needs rich: {_CLI_HINT}") from None
-    console = Console(file=sys.stdout, highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # Piped output: don't squeeze tables into 80 columns.
-        console = Console(file=sys.stdout, highlight=False, width=_NON_TTY_WIDTH)
-    return console
-
-
-def _emit_json(document: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    sys.stdout.flush()
-
-
-def _pct(fraction: float | None, digits: int = 2) -> str:
-    return "-" if fraction is None else f"{fraction * 100:.{digits}f}%"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
-
-
-def _status(up: bool) -> Text:
-    from rich.text import Text  # noqa: PLC0415  (optional dependency, loaded by _console() already)
-
-    return Text("up", style="green") if up else Text("DOWN", style="bold red")
-
-
-def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]) -> Table:
-    """A table whose cells are plain text (node ids like ``[::1]:11211`` are not rich markup).
-
-    A column title starting with ``>`` is right-aligned; ``Node``, ``From`` and ``To`` never wrap.
-    """
-    from rich.table import Table  # noqa: PLC0415  (optional dependency, loaded by _console() already)
-    from rich.text import Text  # noqa: PLC0415
-
-    table = Table(title=Text(title))
-    for column in columns:
-        name = column.lstrip(">")
-        table.add_column(
-            name,
-            justify="right" if column.startswith(">") else "left",
-            no_wrap=name in ("Node", "From", "To"),
-            overflow="fold",
-        )
-    for row in rows:
-        table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in row))
-    return table
-
-
 # -- locate -----------------------------------------------------------------------------------------
 
 
-def _locate(ctx: _Context, args: argparse.Namespace) -> int:
+def _locate(ctx: Context, args: argparse.Namespace) -> int:
     ring = ctx.ring
     placed = []
     for key in args.keys:
@@ -317,212 +229,19 @@ def _locate(ctx: _Context, args: argparse.Namespace) -> int:
         shown = raw.decode("utf-8", "backslashreplace")
         placed.append({"key": shown, "node": order[0], "preference_list": list(order)})
     if ctx.json:
-        _emit_json({"hashing": ring.hashing, "nodes": list(ring.nodes), "keys": placed})
+        emit_json({"hashing": ring.hashing, "nodes": list(ring.nodes), "keys": placed})
         return EXIT_OK
     rows = [[p["key"], p["node"], " → ".join(p["preference_list"][1:]) or "-"] for p in placed]
     title = f"Key placement ({ring.hashing}, {len(ring)} nodes)"
-    ctx.console.print(_table(title, ["Key", "Node", "Failover order"], rows))
+    ctx.console.print(plain_table(title, ["Key", "Node", "Failover order"], rows))
     return EXIT_OK
-
-
-# -- plan -------------------------------------------------------------------------------------------
-
-
-def _resolve_id(ring: shardcache.Ring, given: str, option: str) -> str:
-    """The node id on ``ring`` that ``given`` names (``cache-1`` names ``cache-1:11211``).
-
-    ``option`` is how the error names what the user typed, e.g. ``--weight 'a=2'``.
-    """
-    if given in ring:
-        return given
-    try:
-        node_id = shardcache.parse_nodes(given)[0].node_id
-    except shardcache.ConfigurationError:
-        node_id = given
-    if node_id not in ring:
-        raise UsageError(f"{option}: no such node {given!r} (nodes: {', '.join(ring.nodes)})")
-    return node_id
-
-
-def _apply_changes(before: shardcache.Ring, args: argparse.Namespace) -> shardcache.Ring:
-    after = before
-    for given in args.remove:
-        node_id = _resolve_id(after, given, f"--remove {given!r}")
-        if len(after) == 1:
-            raise UsageError(f"--remove {given!r}: it is the last node; a ring needs at least one")
-        after = after.without_node(node_id)
-    for spec in args.add:
-        try:
-            after = after.with_node(spec)
-        except shardcache.ConfigurationError as exc:
-            raise UsageError(f"--add {spec!r}: {exc}") from None
-    for item in args.weight:
-        node, sep, weight = item.rpartition("=")
-        if not sep or not node or not weight.isdigit() or int(weight) < 1:
-            raise UsageError(f"--weight {item!r}: expected ID=W with W a positive integer")
-        after = after.with_weight(_resolve_id(after, node, f"--weight {item!r}"), int(weight))
-    return after
-
-
-def _read_keys(path: str) -> list[bytes]:
-    """Keys from ``path`` (one per line, blank lines skipped), as bytes: placement hashes the bytes."""
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"--keys {path!r}: {exc.strerror or exc}") from None
-    return [line for line in (raw.strip() for raw in data.splitlines()) if line]
-
-
-def _weights(ring: shardcache.Ring) -> dict[str, int]:
-    return {spec.node_id: spec.weight for spec in ring.specs}
-
-
-def _check_plot_available() -> None:
-    try:
-        import matplotlib  # noqa: F401, PLC0415  (optional dependency, imported only for --plot)
-    except ImportError:
-        raise UsageError(f"--plot needs matplotlib: {_PLOT_HINT}") from None
-
-
-def _plan(ctx: _Context, args: argparse.Namespace) -> int:
-    before = ctx.ring
-    if args.plot:
-        _check_plot_available()
-    after = _apply_changes(before, args)
-    keys = _read_keys(args.keys) if args.keys is not None else None
-
-    share_before, share_after = before.share(), after.share()
-    weight_before, weight_after = _weights(before), _weights(after)
-    diff = before.diff(after)
-    node_ids = list(dict.fromkeys((*before.nodes, *after.nodes)))
-
-    count_before: Counter[str] = Counter()
-    count_after: Counter[str] = Counter()
-    key_report: dict[str, Any] | None = None
-    if keys is not None:
-        count_before.update(map(before.node_for, keys))
-        count_after.update(map(after.node_for, keys))
-        kdiff = before.diff(after, keys)
-        total = kdiff.keys_counted or 0
-        flows = sorted(kdiff.flows.items(), key=lambda item: (-item[1], item[0]))
-        key_report = {
-            "file": args.keys,
-            "total": total,
-            "moved": round(kdiff.moved * total),
-            "moved_fraction": kdiff.moved,
-            "flows": [
-                {"from": src, "to": dst, "keys": round(frac * total), "fraction": frac}
-                for (src, dst), frac in flows
-            ],
-        }
-
-    nodes: dict[str, dict[str, Any]] = {}
-    for node in node_ids:
-        wb, wa = weight_before.get(node), weight_after.get(node)
-        status = (
-            "added" if wb is None else "removed" if wa is None else "reweighted" if wb != wa else "unchanged"
-        )
-        nodes[node] = {
-            "status": status,
-            "weight_before": wb,
-            "weight_after": wa,
-            "share_before": share_before.get(node, 0.0),
-            "share_after": share_after.get(node, 0.0),
-            "keys_before": count_before[node] if keys is not None else None,
-            "keys_after": count_after[node] if keys is not None else None,
-        }
-    document = {
-        "hashing": before.hashing,
-        "before": list(before.nodes),
-        "after": list(after.nodes),
-        "nodes": nodes,
-        "moved_fraction": diff.moved,
-        "flows": [
-            {"from": src, "to": dst, "fraction": frac}
-            for (src, dst), frac in sorted(diff.flows.items(), key=lambda item: (-item[1], item[0]))
-        ],
-        "keys": key_report,
-        "plot": args.plot,
-    }
-    if args.plot:
-        _draw_plan(args.plot, nodes, diff.moved, before.hashing)
-    if ctx.json:
-        _emit_json(document)
-    else:
-        _print_plan(ctx.console, document)
-    return EXIT_OK
-
-
-def _print_plan(console: Console, doc: dict[str, Any]) -> None:
-    keys = doc["keys"]
-    columns = ["Node", "Change", ">Weight", ">Share before", ">Share after"]
-    columns += [">Keys before", ">Keys after"] if keys is not None else []
-    rows = []
-    for node, row in doc["nodes"].items():
-        wb, wa = row["weight_before"], row["weight_after"]
-        weight = f"{wb}" if wb == wa else f"{'-' if wb is None else wb} → {'-' if wa is None else wa}"
-        cells = [node, row["status"], weight, _pct(row["share_before"]), _pct(row["share_after"])]
-        if keys is not None:
-            cells += [str(row["keys_before"]), str(row["keys_after"])]
-        rows.append(cells)
-    title = f"Ring change ({doc['hashing']}): {len(doc['before'])} → {len(doc['after'])} nodes"
-    console.print(_table(title, columns, rows))
-    console.print(f"Keys that move: {_pct(doc['moved_fraction'])} of the key space", markup=False)
-    if keys is not None:
-        console.print(
-            f"Keys from {keys['file']} that move: {keys['moved']} of {keys['total']}"
-            f" ({_pct(keys['moved_fraction'])})",
-            markup=False,
-        )
-    if doc["flows"]:
-        counted = {(f["from"], f["to"]): str(f["keys"]) for f in keys["flows"]} if keys is not None else None
-        rows = [
-            [f["from"], f["to"], _pct(f["fraction"])]
-            + ([counted.get((f["from"], f["to"]), "0")] if counted is not None else [])
-            for f in doc["flows"]
-        ]
-        columns = ["From", "To", ">Share of keys"] + ([">Keys"] if counted is not None else [])
-        console.print(_table("Where the moving keys go", columns, rows))
-
-
-def _draw_plan(path: str, nodes: dict[str, dict[str, Any]], moved: float, hashing: str) -> None:
-    """A grouped bar chart of each node's key share before and after, written with the Agg backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (optional dependency)
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    labels = list(nodes)
-    before = [nodes[n]["share_before"] * 100 for n in labels]
-    after = [nodes[n]["share_after"] * 100 for n in labels]
-    width = 0.4
-    xs = range(len(labels))
-    figure = Figure(figsize=(max(7.0, 1.1 * len(labels) + 2), 4.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    bars_before = axes.bar([x - width / 2 for x in xs], before, width, label="before", color="#8da0cb")
-    bars_after = axes.bar([x + width / 2 for x in xs], after, width, label="after", color="#fc8d62")
-    for bars, shares, side in ((bars_before, before, "weight_before"), (bars_after, after, "weight_after")):
-        texts = ["" if nodes[n][side] is None else f"{s:.1f}" for n, s in zip(labels, shares, strict=True)]
-        axes.bar_label(bars, labels=texts, fontsize=7, padding=2)
-    ticks = [n if nodes[n]["status"] == "unchanged" else f"{n}\n({nodes[n]['status']})" for n in labels]
-    axes.set_xticks(
-        list(xs), ticks, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center"
-    )
-    axes.set_ylabel("share of keys (%)")
-    axes.set_ylim(0, max([*before, *after, 1.0]) * 1.3)
-    axes.set_title(f"Key share per node, before and after ({hashing})\n{moved * 100:.1f}% of keys move")
-    axes.legend(loc="upper right", ncols=2)
-    axes.grid(axis="y", alpha=0.3)
-    try:
-        figure.savefig(path, format="png", dpi=120)
-    except OSError as exc:
-        raise UsageError(f"--plot {path!r}: {exc.strerror or exc}") from None
 
 
 # -- network commands -------------------------------------------------------------------------------
 
 
 def _each_node(
-    ctx: _Context, probe: Callable[[shardcache.Client], T], what: str
+    ctx: Context, probe: Callable[[shardcache.Client], T], what: str
 ) -> list[tuple[str, T | Exception]]:
     """Run ``probe`` against every node in parallel, each with its own single-node client.
 
@@ -588,33 +307,33 @@ def _print_nodes(
     down = any(not row["up"] for row in nodes.values())
     rows: list[list[str | Text]] = []
     for node, row in nodes.items():
-        cells_row: list[str | Text] = [node, _status(row["up"])]
+        cells_row: list[str | Text] = [node, status_cell(row["up"])]
         cells_row += cells(row) if row["up"] else ["-"] * len(columns)
         rows.append(cells_row + ([row["error"] or ""] if down else []))
-    console.print(_table(title, ["Node", "Status", *columns] + (["Error"] if down else []), rows))
+    console.print(plain_table(title, ["Node", "Status", *columns] + (["Error"] if down else []), rows))
 
 
-def _stats(ctx: _Context, args: argparse.Namespace) -> int:
+def _stats(ctx: Context, args: argparse.Namespace) -> int:
     def probe(client: shardcache.Client) -> dict[bytes, Any]:
         return next(iter(client.stats().values()))
 
     def cells(row: dict[str, Any]) -> list[str]:
         used, limit = row["bytes"], row["limit_maxbytes"]
-        memory = f"{_bytes(used)} / {_bytes(limit)}" + (f" ({used / limit:.0%})" if used and limit else "")
+        memory = f"{size(used)} / {size(limit)}" + (f" ({used / limit:.0%})" if used and limit else "")
         return [
             row["version"] or "-",
             str(row["curr_items"]),
             memory,
-            _pct(row["hit_ratio"], 1),
+            pct(row["hit_ratio"], 1),
             str(row["evictions"]),
             str(row["curr_connections"]),
-            _duration(row["uptime"]),
+            duration(row["uptime"]),
         ]
 
     nodes = {node: _stats_row(result) for node, result in _each_node(ctx, probe, "stats")}
     down = sum(not row["up"] for row in nodes.values())
     if ctx.json:
-        _emit_json({"nodes": nodes, "up": len(nodes) - down, "down": down})
+        emit_json({"nodes": nodes, "up": len(nodes) - down, "down": down})
     else:
         columns = ["Version", ">Items", ">Memory used / limit", ">Hit ratio", ">Evictions", ">Connections"]
         title = f"memcached stats: {len(nodes) - down} up, {down} down"
@@ -622,7 +341,7 @@ def _stats(ctx: _Context, args: argparse.Namespace) -> int:
     return EXIT_NODE_DOWN if down else EXIT_OK
 
 
-def _ping(ctx: _Context, args: argparse.Namespace) -> int:
+def _ping(ctx: Context, args: argparse.Namespace) -> int:
     count: int = args.count
 
     def probe(client: shardcache.Client) -> tuple[str, list[float]]:
@@ -652,7 +371,7 @@ def _ping(ctx: _Context, args: argparse.Namespace) -> int:
         }
     down = sum(not row["up"] for row in nodes.values())
     if ctx.json:
-        _emit_json({"nodes": nodes, "count": count, "up": len(nodes) - down, "down": down})
+        emit_json({"nodes": nodes, "count": count, "up": len(nodes) - down, "down": down})
     else:
         title = f"ping (median of {count} round trips): {len(nodes) - down} up, {down} down"
         _print_nodes(ctx.console, title, ["Version", ">RTT median", ">min", ">max"], nodes, cells)

@@ -10,7 +10,8 @@ Two hashing modes:
     node moves keys only to or from that node. A key belongs to the first point at or after the
     start of its slot (the top ``SLOT_BITS`` bits of its hash), wrapping around; equal points go to
     the node whose name sorts first. The ring is compiled into a table of ``2**SLOT_BITS`` slots, so
-    a lookup is one hash and two indexing operations whatever the number of nodes.
+    a lookup is one hash and two indexing operations whatever the number of nodes. The table is built
+    and counted in ``shardcache._ring_math`` (with numpy when it is installed).
 
 ``"ketama"``
     libmemcached's ``MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED``, byte for byte: MD5; each server gets
@@ -35,12 +36,10 @@ return new rings.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import operator
 import struct
-import sys
 from array import array
 from bisect import bisect_left
 from collections import Counter
@@ -50,6 +49,16 @@ from math import floor
 
 import mmh3
 
+from shardcache._ring_math import (
+    POINTS_PER_WEIGHT,
+    SLOT_BITS,
+    SLOT_SHIFT,
+    SLOTS,
+    point_stream,
+    slot_counts,
+    slot_flows,
+    slot_runs,
+)
 from shardcache.errors import ConfigurationError, KeyValidationError
 from shardcache.nodes import DEFAULT_PORT, NodeSpec, NodeSpecLike, parse_node, parse_nodes
 
@@ -68,12 +77,7 @@ Key = str | bytes
 HASHING_MODES = ("mmh3", "ketama")
 KETAMA_NAMINGS = ("libmemcached", "libketama", "spymemcached")
 
-POINTS_PER_WEIGHT = 1536
-SLOT_BITS = 20
 MAX_RING_POINTS = POINTS_PER_WEIGHT * 4096
-_STRATUM = (1 << 32) // POINTS_PER_WEIGHT
-_SLOTS = 1 << SLOT_BITS
-_SLOT_SHIFT = 32 - SLOT_BITS
 _SPACE = 1 << 32
 _KETAMA_POINTS_PER_SERVER = 160
 
@@ -190,9 +194,8 @@ class Ring:
         self._ids: tuple[str, ...] = tuple(s.node_id for s in specs)
         rank_bits = max(1, (len(specs) - 1).bit_length())
         typecode = "H" if len(specs) <= 0xFFFF else "I"
-        streams = [_point_stream(spec, POINTS_PER_WEIGHT * spec.weight) for spec in specs]
-        build = _slot_runs_numpy if _numpy_available() else _slot_runs_python
-        occupied, owners, table = build(streams, rank_bits, typecode)
+        streams = [point_stream(_hash_name(spec), POINTS_PER_WEIGHT * spec.weight) for spec in specs]
+        occupied, owners, table = slot_runs(streams, rank_bits, typecode)
         self._table = table
         # Runs: slot ``occupied[i - 1] + 1`` (0 for the first) starts a run owned by ``owners[i]``.
         self._runs = (occupied, owners)
@@ -247,7 +250,7 @@ class Ring:
         try:
             if type(key) is str and not key.isascii():
                 key = key.encode()  # strict UTF-8 first: mmh3 must never see a lone surrogate
-            return self._ids[self._table[_mmh3_hash(key, 0, False) >> _SLOT_SHIFT]]
+            return self._ids[self._table[_mmh3_hash(key, 0, False) >> SLOT_SHIFT]]
         except (TypeError, ValueError):
             raise _key_error(key) from None
 
@@ -271,7 +274,7 @@ class Ring:
                 if isinstance(key, str):
                     key = key.encode()
                 occupied, ranks = self._runs
-                start = bisect_left(occupied, _mmh3_hash(key, 0, False) >> _SLOT_SHIFT)
+                start = bisect_left(occupied, _mmh3_hash(key, 0, False) >> SLOT_SHIFT)
                 ids = self._ids
                 count = len(ranks)
                 for i in range(start, start + count):
@@ -365,7 +368,7 @@ class Ring:
         if self._hashing == "mmh3":
             occupied, ranks = self._runs
             bounds = [0]
-            bounds.extend((slot + 1) << _SLOT_SHIFT for slot in occupied)
+            bounds.extend((slot + 1) << SLOT_SHIFT for slot in occupied)
             owners = [self._ids[r] for r in ranks]
             if bounds[-1] < _SPACE:
                 bounds.append(_SPACE)
@@ -380,12 +383,9 @@ class Ring:
         """Fraction of the hash space owned by each node id (sums to 1)."""
         totals: Counter[str] = Counter({node: 0 for node in self._ids})
         if self._hashing == "mmh3":
-            if _numpy_available():
-                counts = _slot_counts_numpy(self._table, len(self._ids))
-                totals.update(dict(zip(self._ids, counts, strict=True)))
-            else:
-                totals.update(self._ids[r] for r in self._table)
-            return {node: totals[node] / _SLOTS for node in self.nodes}
+            counts = slot_counts(self._table, len(self._ids))
+            totals.update(dict(zip(self._ids, counts, strict=True)))
+            return {node: totals[node] / SLOTS for node in self.nodes}
         bounds, owners = self._arcs()
         for i, owner in enumerate(owners):
             totals[owner] += bounds[i + 1] - bounds[i]
@@ -411,14 +411,8 @@ class Ring:
         if self._hashing != other._hashing:
             raise ConfigurationError("diff of rings with different hashing modes needs keys=")
         if self._hashing == "mmh3":
-            a_ids, b_ids = self._ids, other._ids
-            if _numpy_available():
-                flows.update(_slot_flows_numpy((self._table, a_ids), (other._table, b_ids)))
-            else:
-                for (ra, rb), count in Counter(zip(self._table, other._table, strict=True)).items():
-                    if a_ids[ra] != b_ids[rb]:
-                        flows[(a_ids[ra], b_ids[rb])] += count
-            space = _SLOTS
+            flows.update(slot_flows((self._table, self._ids), (other._table, other._ids)))
+            space = SLOTS
         else:
             space = _SPACE
             for lo, hi, src, dst in _overlay(self._arcs(), other._arcs()):
@@ -446,158 +440,8 @@ class _KetamaRing(Ring):
         return self._owners[bisect_left(self._points, h, starts[bucket], starts[bucket + 1])]
 
 
-# -- building the mmh3 slot table ------------------------------------------------------------------
-#
-# Each node contributes one point per stratum (of 2**32 / POINTS_PER_WEIGHT) per unit of weight; a
-# point is packed with its node's rank (position by name) so that sorting orders by point, then by
-# name. The smallest packed value in each occupied slot decides the owner of that slot and of the
-# empty slots just before it. The pure-Python and numpy builds compute the same table; numpy, when
-# installed (``pip install 'shardcache[fast]'``), makes building a 1000-node ring ~10x faster, and
-# ``share``/``diff`` of mmh3 rings (which count all 2**20 slots) ~10x faster too.
-
-_use_numpy = True  # tests switch it off to compare both builds
-
-
-def _numpy_available() -> bool:
-    if not _use_numpy:
-        return False
-    try:
-        import numpy  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
-def _slot_runs_python(
-    streams: list[bytes], rank_bits: int, typecode: str
-) -> tuple[array[int], array[int], array[int]]:
-    rank_mask = (1 << rank_bits) - 1
-    repeat, chain = itertools.repeat, itertools.chain
-    bases = _stratum_bases(rank_bits)
-    columns: list[list[int]] = []
-    for rank, data in enumerate(streams):
-        words = array("I")
-        words.frombytes(data)
-        for start in range(0, len(words), POINTS_PER_WEIGHT):
-            offsets = words[start : start + POINTS_PER_WEIGHT]
-            # offset within a stratum = word * stratum_width >> 32, then shifted past the rank
-            scaled = map(operator.rshift, map(operator.mul, offsets, repeat(_STRATUM)), repeat(32))
-            packed = map(operator.lshift, scaled, repeat(rank_bits))
-            if rank:
-                packed = map(operator.or_, packed, repeat(rank))
-            columns.append(list(map(operator.add, bases, packed)))
-    values = list(chain.from_iterable(map(sorted, zip(*columns, strict=True))))
-    del columns
-    shift = _SLOT_SHIFT + rank_bits
-    slots = list(map(operator.rshift, values, repeat(shift)))
-    firsts = list(itertools.compress(values, map(operator.ne, slots, chain((-1,), slots))))
-    del values, slots
-    occupied = array("I", map(operator.rshift, firsts, repeat(shift)))
-    owners = array(typecode, map(rank_mask.__and__, firsts))
-    lengths = map(operator.sub, occupied, chain((-1,), occupied))
-    cells = [array(typecode, (rank,)).tobytes() for rank in range(len(streams))]
-    data = b"".join(map(operator.mul, map(cells.__getitem__, owners), lengths))
-    data += cells[owners[0]] * (_SLOTS - 1 - occupied[-1])
-    table = array(typecode)
-    table.frombytes(data)
-    return occupied, owners, table
-
-
-def _slot_runs_numpy(
-    streams: list[bytes], rank_bits: int, typecode: str
-) -> tuple[array[int], array[int], array[int]]:
-    import numpy as np  # noqa: PLC0415
-
-    u64 = np.uint64
-    bases = np.arange(POINTS_PER_WEIGHT, dtype=u64) * u64(_STRATUM)
-    parts = []
-    for rank, data in enumerate(streams):
-        words = np.frombuffer(data, dtype="<u4").astype(u64)
-        points = np.tile(bases, len(words) // POINTS_PER_WEIGHT) + ((words * u64(_STRATUM)) >> u64(32))
-        parts.append((points << u64(rank_bits)) | u64(rank))
-    values = np.concatenate(parts)
-    values.sort()
-    slots = values >> u64(_SLOT_SHIFT + rank_bits)
-    first = np.empty(len(slots), dtype=bool)
-    first[0] = True
-    np.not_equal(slots[1:], slots[:-1], out=first[1:])
-    occupied = slots[first].astype(np.int64)
-    ranks = (values[first] & u64((1 << rank_bits) - 1)).astype(np.int64)
-    lengths = np.diff(occupied, prepend=-1)
-    tail = np.full(_SLOTS - 1 - int(occupied[-1]), ranks[0], dtype=np.int64)
-    dtype = np.uint16 if typecode == "H" else np.uint32
-    table = np.concatenate((np.repeat(ranks, lengths), tail)).astype(dtype)
-    return (
-        _array_from("I", occupied.astype(np.uint32).tobytes()),
-        _array_from(typecode, ranks.astype(dtype).tobytes()),
-        _array_from(typecode, table.tobytes()),
-    )
-
-
-def _slot_counts_numpy(table: array[int], ranks: int) -> list[int]:
-    """How many slots of ``table`` each rank owns."""
-    import numpy as np  # noqa: PLC0415
-
-    counts: list[int] = np.bincount(np.frombuffer(table, dtype=table.typecode), minlength=ranks).tolist()
-    return counts
-
-
-_MAX_FLOW_BINS = 1 << 20  # above this many (owner_a, owner_b) pairs, sort instead of counting in bins
-
-
-def _slot_flows_numpy(
-    a: tuple[array[int], tuple[str, ...]], b: tuple[array[int], tuple[str, ...]]
-) -> dict[tuple[str, str], int]:
-    """How many slots change owner from table ``a`` to table ``b``, per ``(owner_a, owner_b)``."""
-    import numpy as np  # noqa: PLC0415
-
-    (a_table, a_ids), (b_table, b_ids) = a, b
-    width = len(b_ids)
-    # One code per slot for its pair of ranks, counted; the two tables number their nodes
-    # differently, so whether a pair is a move is decided by name, once per distinct pair.
-    codes = np.frombuffer(a_table, dtype=a_table.typecode).astype(np.intp)
-    codes *= width
-    codes += np.frombuffer(b_table, dtype=b_table.typecode)
-    if len(a_ids) * width <= _MAX_FLOW_BINS:
-        counts = np.bincount(codes, minlength=len(a_ids) * width)
-        pairs = np.flatnonzero(counts)
-        counts = counts[pairs]
-    else:
-        pairs, counts = np.unique(codes, return_counts=True)
-    flows = {}
-    for pair, count in zip(pairs.tolist(), counts.tolist(), strict=True):
-        src, dst = a_ids[pair // width], b_ids[pair % width]
-        if src != dst:
-            flows[(src, dst)] = count
-    return flows
-
-
-def _array_from(typecode: str, data: bytes) -> array[int]:
-    result = array(typecode)
-    result.frombytes(data)
-    return result
-
-
-@functools.lru_cache(maxsize=64)
-def _stratum_bases(rank_bits: int) -> list[int]:
-    """Start of each stratum, shifted past the rank bits."""
-    return [(j * _STRATUM) << rank_bits for j in range(POINTS_PER_WEIGHT)]
-
-
 def _hash_name(spec: NodeSpec) -> str:
     return spec.alias if spec.alias is not None else spec.node_id
-
-
-def _point_stream(spec: NodeSpec, count: int) -> bytes:
-    """``count`` little-endian 32-bit points for ``spec``, as native-order bytes for ``array('I')``."""
-    data = hashlib.shake_128(b"shardcache:" + _hash_name(spec).encode()).digest(4 * count)
-    if sys.byteorder != "little" or array("I").itemsize != 4:
-        return array(_native_u32(), struct.unpack(f"<{count}I", data)).tobytes()
-    return data
-
-
-def _native_u32() -> str:
-    return "I" if array("I").itemsize == 4 else "L"
 
 
 def _overlay(

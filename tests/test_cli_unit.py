@@ -330,6 +330,43 @@ def test_bad_values_exit_2_naming_the_value(
     assert named in err
 
 
+@pytest.mark.parametrize(
+    "weight",
+    ["1000000000", "1001", "0", "9" * 5000, "-1", "1.5", "\u00b2", "\u0661"],
+    ids=["1e9", "1001", "0", "5000-digits", "negative", "float", "superscript-2", "arabic-indic-1"],
+)
+def test_a_weight_outside_1_to_1000_exits_2_naming_the_range(
+    capsys: pytest.CaptureFixture[str], weight: str
+) -> None:
+    # Thousands of digits too: int() of them raises ValueError, which must not escape as a traceback.
+    item = f"10.0.0.1:11211={weight}"
+    code, out, err = run(capsys, "--servers", SERVERS, "plan", "--weight", item)
+    assert (code, out) == (2, "")
+    assert err == f"shardcache: error: --weight {item!r}: expected ID=W with W an integer in 1..1000\n"
+
+
+def test_the_largest_weight_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = run_json(capsys, "--servers", SERVERS, "plan", "--weight", "10.0.0.1:11211=1000")
+    assert doc["nodes"]["10.0.0.1:11211"]["weight_after"] == 1000
+
+
+@pytest.mark.parametrize(
+    "change", [["--weight", "10.0.0.1:11211=2"], ["--add", "10.0.0.4:11211"]], ids=["weight", "add"]
+)
+def test_a_change_over_the_rings_total_weight_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, change: list[str]
+) -> None:
+    import shardcache.ring as ring_module
+
+    # A bound of total weight 4 (SERVERS' own) instead of 4096, so the rings are cheap to build.
+    monkeypatch.setattr(ring_module, "MAX_RING_POINTS", 4 * ring_module.POINTS_PER_WEIGHT)
+    code, out, err = run(capsys, "--servers", SERVERS, "plan", *change)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"shardcache: error: {change[0]} {change[1]!r}: ")
+    assert "total weight 5 (at most 4)" in err and "MAX_RING_POINTS" in err
+    assert "Traceback" not in err
+
+
 def test_plot_to_an_unwritable_path_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     target = str(tmp_path / "missing-dir" / "plan.png")
     code, out, err = run(capsys, "--servers", SERVERS, "plan", "--plot", target)

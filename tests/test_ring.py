@@ -274,24 +274,24 @@ def test_lone_surrogates_raise_instead_of_reaching_the_hash(hashing: str) -> Non
 def test_numpy_and_pure_python_builds_give_the_same_table(
     nodes: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shardcache.ring as ring_module
+    import shardcache._ring_math as ring_math
 
     fast = Ring(nodes)
-    monkeypatch.setattr(ring_module, "_use_numpy", False)
+    monkeypatch.setattr(ring_math, "_use_numpy", False)
     pure = Ring(nodes)
     assert fast._table == pure._table
     assert fast._runs == pure._runs
 
 
 def test_numpy_and_pure_python_share_and_diff_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    import shardcache.ring as ring_module
+    import shardcache._ring_math as ring_math
 
     # One change that removes, reweights and adds a node, so every kind of flow is counted.
     a, b = Ring(["a:1", "b:2", "c:3:2", "d:4"]), Ring(["b:2", "c:3:3", "d:4", "e:5"])
     binned = (a.share(), b.share(), a.diff(b))
-    monkeypatch.setattr(ring_module, "_MAX_FLOW_BINS", 0)  # the sorting path, used for big rings
+    monkeypatch.setattr(ring_math, "_MAX_FLOW_BINS", 0)  # the sorting path, used for big rings
     assert a.diff(b) == binned[2]
-    monkeypatch.setattr(ring_module, "_use_numpy", False)
+    monkeypatch.setattr(ring_math, "_use_numpy", False)
     assert (a.share(), b.share(), a.diff(b)) == binned
     assert binned[2].moved > 0
 
