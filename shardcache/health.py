@@ -115,6 +115,7 @@ class NodeHealth:
         "_lock",
         "_on_change",
         "_random",
+        "_up_since",
         "failures",
         "next_probe_at",
         "node_id",
@@ -139,6 +140,7 @@ class NodeHealth:
         self.state_changes = 0
         self.next_probe_at = 0.0
         self._backoff = policy.retry_interval_s
+        self._up_since = float("-inf")  # when it was last readmitted
         self._clock = clock
         self._lock = threading.Lock()
         self._on_change = on_change
@@ -162,8 +164,12 @@ class NodeHealth:
             self.failures += 1
             if self.failures < self.policy.failure_threshold:
                 return False
-            self._backoff = self.policy.retry_interval_s
-            self.next_probe_at = self._clock() + self._jittered(self._backoff)
+            now = self._clock()
+            if now - self._up_since >= self.policy.max_retry_interval_s:
+                self._backoff = self.policy.retry_interval_s  # it was stable: start over
+            else:  # readmitted, then failed again soon: answers probes but not calls; keep backing off
+                self._backoff = min(self._backoff * 2, self.policy.max_retry_interval_s)
+            self.next_probe_at = now + self._jittered(self._backoff)
             old = self.state
             self.state = DOWN
             self.state_changes += 1
@@ -199,12 +205,15 @@ class NodeHealth:
             self._on_change(PROBING, DOWN, reason)
 
     def readmit(self) -> None:
-        """PROBING -> UP: the node answered the probe (fencing follows; see membership)."""
+        """PROBING -> UP: the node answered the probe (fencing follows; see the prober). The backoff
+        is kept: if the node fails again within ``max_retry_interval_s``, the next wait doubles
+        rather than starting over, so a node that answers probes but fails real calls is not
+        readmitted every ``retry_interval_s`` forever (callers would pay its timeouts each time)."""
         with self._lock:
             if self.state != PROBING:
                 return
             self.failures = 0
-            self._backoff = self.policy.retry_interval_s
+            self._up_since = self._clock()  # the backoff starts over only once it has stayed up
             self.state = UP
             self.state_changes += 1
         if self._on_change is not None:

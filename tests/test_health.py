@@ -85,10 +85,31 @@ def test_readmission_resets_backoff_and_failures() -> None:
     health.readmit()
     assert health.state == UP and health.failures == 0
     assert changes == [(UP, DOWN), (DOWN, PROBING), (PROBING, DOWN), (DOWN, PROBING), (PROBING, UP)]
+    clock.now += health.policy.max_retry_interval_s  # stable for long enough
     health.record_failure()
     health.record_failure()
     assert health.next_probe_at - clock.now == pytest.approx(1.0)  # backoff starts over
     assert health.state_changes == 6
+
+
+def test_a_node_that_fails_soon_after_readmission_keeps_backing_off() -> None:
+    """It answers probes (version) but fails real calls: without this it would be readmitted every
+    retry_interval_s forever, and callers would pay failure_threshold timeouts each time."""
+    health, clock, _ = make()
+    waits = []
+    for _ in range(6):
+        health.record_failure()
+        health.record_failure()
+        waits.append(round(health.next_probe_at - clock.now, 6))
+        clock.now = health.next_probe_at
+        assert health.begin_probe()
+        health.readmit()
+        clock.now += 0.1  # the next real calls fail at once
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    clock.now += health.policy.max_retry_interval_s
+    health.record_failure()
+    health.record_failure()
+    assert health.next_probe_at - clock.now == pytest.approx(1.0)
 
 
 def test_jitter_spreads_probes_within_bounds() -> None:
