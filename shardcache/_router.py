@@ -14,9 +14,10 @@ The rules (README "Failures and failover"):
   may be older than the last write); pinned calls of a fenced key are unavailable.
 - A node that is DOWN or PROBING: its keys go to the failover policy's stand-in (``remap``: the
   next ready node clockwise; ``gutter``: the key's gutter node), never for pinned calls (a counter,
-  CAS loop or lock on a stand-in would restart from nothing). A key served by a stand-in is
-  fenced on its owner, and a write leaves a copy the owner's prober removes when it returns. A
-  read of a copy left from an earlier outage misses. With no stand-in, a write fences the key
+  CAS loop or lock on a stand-in would restart from nothing). A key written on a stand-in is
+  fenced on its owner, and leaves a copy the owner's prober removes when it returns; a read on a
+  stand-in records nothing (it changed nothing, and fencing it would delete the owner's live
+  counter or lock on return). A read of a copy left from an earlier outage misses. With no stand-in, a write fences the key
   (the owner's old value must go) and the call misses or raises ``NodeUnavailableError``.
 """
 
@@ -120,9 +121,10 @@ class Router:
             return Decision(None, owner, down=True, fence=kind.writes, copy=kind.writes, count_failover=True)
         if kind is CallKind.READ and owner.stale_on(target, wire):
             return Decision(None, owner, count_failover=True)  # an outdated copy, not yet removed
-        return Decision(
-            target, owner, stand_in=True, fence=True, copy=kind is not CallKind.READ, count_failover=True
-        )
+        # A read changes nothing on any node, so it records nothing: fencing it would delete the
+        # owner's live value (a counter, a lock) when the owner returns.
+        reading = kind is CallKind.READ
+        return Decision(target, owner, stand_in=True, fence=not reading, copy=not reading, count_failover=True)
 
     def stand_in(self, topology: Topology, owner: Node, hash_key: bytes) -> Node | None:
         """The node serving ``owner``'s key while it is away, or None (fail fast, or none ready)."""

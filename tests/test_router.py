@@ -291,15 +291,18 @@ def test_stand_in_ttls_are_capped_for_set_many_and_touch_too(remap: Cluster) -> 
     assert stand_in.ttl_of(key.encode()) == 60  # "never expire" on a stand-in is capped as well
 
 
-def test_a_read_served_by_a_stand_in_fences_the_key_on_its_owner(remap: Cluster) -> None:
+def test_a_read_served_by_a_stand_in_records_nothing_so_a_counter_survives_the_outage(remap: Cluster) -> None:
+    """Issue 11, defect 1: reading a counter (or anything) during a failover used to record it for
+    fencing, and the owner's live counter was deleted when the owner returned."""
     key = remap.key_on("a:11211")
-    remap.servers["a:11211"].put(key.encode(), b"old", flags=16)
+    remap.servers["a:11211"].put(key.encode(), b"41", flags=2)
     remap.fail("a:11211")
     assert remap.get(key, "miss") == "miss"  # served (as a miss) by the stand-in
-    assert remap.node("a:11211").fenced(key.encode())
+    assert not remap.node("a:11211").fenced(key.encode())
     remap.revive("a:11211")
     remap.prober_pass()
-    assert remap.servers["a:11211"].peek(key.encode()) is None
+    assert remap.servers["a:11211"].peek(key.encode()) == b"41"
+    assert remap.run(cmd.counter(remap.core, key, 1, decr=False, noreply=None, initial=None, expire=0)) == 42
 
 
 def test_a_request_in_flight_finishes_on_the_ring_it_started_with() -> None:
