@@ -323,3 +323,33 @@ def test_a_write_through_a_second_stand_in_makes_the_first_ones_copy_unreadable(
         proxy_a.heal()
         assert wait_until(lambda: client.node_states()[a] == "up")
         assert client.get(key) is None
+
+
+def test_noreply_writes_do_not_hide_a_frozen_node_from_its_reads(rig: Rig) -> None:
+    """A noreply write only fills a socket buffer: counting it as a success reset the failures the
+    reads built up, so a frozen node was never marked down and every read waited the timeout."""
+    with rig.client(on_error="miss", default_noreply=True, retry_interval_s=30) as client:
+        node, _, frozen = rig.victim(1)
+        mine = keys_on(client, frozen, 8)
+        client.set_many(dict.fromkeys(mine, 1))
+        node.pause()
+        try:
+            for key in mine:
+                client.set(key, 2)  # noreply: "succeeds" into the buffer
+                client.get(key)
+            assert client.node_states()[frozen] == "down"
+            started = time.monotonic()
+            assert client.get(mine[0]) is None
+            assert time.monotonic() - started < TIMEOUT  # down: not contacted at all
+        finally:
+            node.unpause()
+
+
+def test_stats_reset_and_stats_detail_are_not_protocol_errors(rig: Rig) -> None:
+    with rig.client() as client:
+        client.set("k", "v")
+        assert client.stats("reset") == {spec: {} for spec in rig.specs}
+        assert client.stats("detail", "on") == {spec: {} for spec in rig.specs}
+        assert client.stats("detail", "off") == {spec: {} for spec in rig.specs}
+        assert set(client.node_states().values()) == {"up"}
+        assert client.get("k") == "v"

@@ -24,6 +24,7 @@ from shardcache._router import CallKind, Decision, Router
 from shardcache._topology import Node, Topology
 from shardcache._warmup import forget_previous, warm
 from shardcache.errors import (
+    ArgumentError,
     CasConflictError,
     CommandError,
     NodeError,
@@ -405,6 +406,10 @@ def counter(
         initial = proto.check_delta(initial, "initial")
         expire = proto.check_expire(expire)
     hash_key, wire = core.keys.wire(key)
+    if noreply and initial is not None:
+        raise ArgumentError(
+            f"{name}({key!r}, initial={initial}, noreply=True): creating an absent counter needs the reply"
+        )
     if noreply:
         yield from _pinned(core, key, proto.incr_decr(wire, delta, decr=decr, noreply=True), None, name)
         return None
@@ -481,4 +486,9 @@ def compare_delete(core: Core, key: Any, expected: Any) -> Flow[bool]:
     if type(reply) is ErrorReply:
         core.refused(owner, reply, "delete (compare)", key, _PINNED)
         return False
-    return bool(reply.status == b"HD")
+    if reply.status != b"HD":
+        return False
+    if topology.previous is not None:  # the value may still be on its previous owner: a later
+        hash_key, _ = core.keys.wire(key)  # warm-up (or add) would bring the deleted lock back
+        yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+    return True

@@ -124,7 +124,8 @@ class Connection:
     def read_reply(self, deadline: float | None) -> Any:
         """The next reply (see ``ReplyParser.next``), reading as needed until ``deadline``."""
         parser = self.parser
-        reply = parser.next()
+        # nothing buffered (the usual case right after a send): wait before asking the parser
+        reply = parser.next() if parser.buffered else NEED_DATA
         while reply is NEED_DATA:
             if not (self.tls and self.sock.pending()):
                 self.wait(deadline)

@@ -168,7 +168,8 @@ class Executor:
             self.failed(node, err, what, key)
             raise
         pool.release(conn)
-        node.report_success()
+        # no report_success: bytes in the kernel's send buffer prove nothing, and counting them would
+        # reset the failures the reads of a frozen node build up, so it would never be marked down
 
     def pipeline(self, node: Node, job: Job, deadline: float | None, what: str, key: Any = None) -> list[Any]:
         """Send several requests to one node at once; their replies, in order."""
@@ -270,7 +271,8 @@ class Executor:
         else:
             node.pool.release(conn)
         self._swallowed(node, conn)
-        node.report_success()
+        if pending.replies:  # only a reply proves the node works (a noreply send only filled a buffer)
+            node.report_success()
         results[node.node_id] = pending.replies
 
     def _fail(

@@ -90,6 +90,7 @@ _U64: Final = 2**64
 _I32_MIN: Final = -(2**31)
 _I32_MAX: Final = 2**31 - 1
 _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]").search
+_BAD_NON_SPACE = re.compile(rb"[\x00-\x1f\x7f]").search
 _STAT_TOKEN = re.compile(rb"[\x21-\x7e]+").fullmatch
 
 NOOP: Final = b"mn\r\n"
@@ -257,7 +258,17 @@ def retrieve(wires: Sequence[bytes], *, cas: bool = False, touch: int | None = N
     """``get``/``gets`` of one or more keys, or ``gat``/``gats`` with a new expiry (``touch``)."""
     if not wires:
         raise ArgumentError("a retrieval needs at least one key")
-    keys = b" ".join([_checked_wire(wire) for wire in wires])
+    keys = b" ".join(wires) if all(type(w) is bytes for w in wires) else b""
+    # one scan of the whole line instead of one per key: no control byte anywhere, and exactly the
+    # separating spaces (an empty key or a key with a space changes the count); else key by key,
+    # which names the bad one
+    if (
+        not keys
+        or _BAD_NON_SPACE(keys)
+        or keys.count(b" ") != len(wires) - 1
+        or not all(0 < len(w) <= MAX_KEY_LENGTH for w in wires)
+    ):
+        keys = b" ".join([_checked_wire(wire) for wire in wires])
     if touch is None:
         return (b"gets " if cas else b"get ") + keys + b"\r\n"
     return b"%b %d %b\r\n" % (b"gats" if cas else b"gat", check_expire(touch, "expire"), keys)

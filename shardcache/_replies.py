@@ -6,6 +6,7 @@ parsing each fit in one module; see that module's docstring for the safety rules
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
@@ -28,6 +29,10 @@ MAX_LINE: Final = 64 * 1024  # a reply header or STAT line; memcached's are far 
 DEFAULT_MAX_VALUE: Final = 1024 * 1024  # memcached's default item size limit (-I 1m)
 _HARD_MAX_VALUE: Final = 1024 * 1024 * 1024  # memcached refuses -I over 1 GiB: a larger length is garbage
 _U32: Final = 2**32
+# The header of a value as memcached sends it, for the fast path (anything else takes the slow one)
+_VALUE_LINE: Final = re.compile(
+    rb"VALUE ([^ \r\n]{1,250}) ([0-9]{1,10}) ([0-9]{1,10})(?: ([0-9]{1,20}))?\r\n"
+)
 _U64: Final = 2**64
 
 
@@ -136,6 +141,11 @@ class ReplyParser:
         if kind not in _KINDS:
             raise ArgumentError(f"not an Expect kind: {kind!r}")
         self._expect.append((kind, data_block, wanted))
+
+    @property
+    def buffered(self) -> bool:
+        """True if anything received is not consumed yet (a reply may be complete without reading)."""
+        return self._pos < len(self._buf) or self._ready is not None or bool(self._need or self._skip)
 
     @property
     def pending(self) -> int:
@@ -254,6 +264,10 @@ class ReplyParser:
 
     def _values(self, wanted: Any, with_cas: bool) -> Any:
         items = self._items
+        if not items and self._buf.endswith(b"END\r\n"):  # all there, most likely
+            whole = self._whole_values(wanted, with_cas)
+            if whole is not None:
+                return whole
         while True:
             line = self._line()
             if line is None:
@@ -275,6 +289,42 @@ class ReplyParser:
             if value is NEED_DATA:
                 return NEED_DATA
             items.append(value)
+
+    def _whole_values(self, wanted: Any, with_cas: bool) -> list[Value] | None:
+        """The fast path: a get reply that is all in the buffer and well-formed, parsed in one go;
+        None (nothing consumed) for anything else, which the line-by-line path then reads or
+        refuses with its own checks."""
+        buf, pos = self._buf, self._pos
+        end = len(buf)
+        match = _VALUE_LINE.match
+        items: list[Value] = []
+        one = type(wanted) is bytes
+        while True:
+            if buf.startswith(b"END\r\n", pos):
+                self._pos = self._scan = pos + 5
+                return items
+            found = match(buf, pos)
+            if found is None:
+                return None
+            key = bytes(found[1])
+            flags, size = int(found[2]), int(found[3])
+            cas = found[4]
+            stop = found.end() + size
+            if (
+                stop + 2 > end
+                or size > self._max_value
+                or flags >= _U32
+                or (cas is None and with_cas)
+                or buf[stop : stop + 2] != b"\r\n"
+                or (wanted is not None and key != wanted and (one or key not in wanted))
+                or (one and items)
+            ):
+                return None
+            number = None if cas is None else int(cas)
+            if number is not None and number >= _U64:
+                return None
+            items.append(Value(key, flags, bytes(buf[found.end() : stop]), number))
+            pos = stop + 2
 
     def _value_header(
         self, line: bytes, parts: list[bytes], with_cas: bool
@@ -353,6 +403,8 @@ class ReplyParser:
             if line == b"END":
                 self._found = {}
                 return found
+            if not found and line in (b"RESET", b"OK"):  # "stats reset", "stats detail on|off"
+                return {}
             head, _, rest = line.partition(b" ")
             if head in (b"STAT", b"ITEM"):
                 name, _, value = rest.partition(b" ")

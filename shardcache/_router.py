@@ -17,8 +17,9 @@ The rules (README "Failures and failover"):
   CAS loop or lock on a stand-in would restart from nothing). A key written on a stand-in is
   fenced on its owner, and leaves a copy the owner's prober removes when it returns; a read on a
   stand-in records nothing (it changed nothing, and fencing it would delete the owner's live
-  counter or lock on return). A read of a copy left from an earlier outage misses. With no stand-in, a write fences the key
-  (the owner's old value must go) and the call misses or raises ``NodeUnavailableError``.
+  counter or lock on return). A read of a copy left from an earlier outage misses. With no
+  stand-in, a write fences the key (the owner's old value must go) and the call misses or raises
+  ``NodeUnavailableError``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, NamedTuple
 
 from shardcache._topology import Node, Topology
 from shardcache.errors import NodeUnavailableError
-from shardcache.health import UP
+from shardcache.health import DOWN, UP
 
 __all__ = ["CallKind", "Decision", "Plan", "Router"]
 
@@ -124,7 +125,9 @@ class Router:
         # A read changes nothing on any node, so it records nothing: fencing it would delete the
         # owner's live value (a counter, a lock) when the owner returns.
         reading = kind is CallKind.READ
-        return Decision(target, owner, stand_in=True, fence=not reading, copy=not reading, count_failover=True)
+        return Decision(
+            target, owner, stand_in=True, fence=not reading, copy=not reading, count_failover=True
+        )
 
     def stand_in(self, topology: Topology, owner: Node, hash_key: bytes) -> Node | None:
         """The node serving ``owner``'s key while it is away, or None (fail fast, or none ready)."""
@@ -154,6 +157,8 @@ class Router:
     def commit(self, decision: Decision, wire: bytes) -> None:
         """Apply a decision's bookkeeping to its owner node."""
         owner = decision.owner
+        if owner.health.state == DOWN:
+            owner.wake()  # its prober may have been stopped (close()): a read alone must bring it back
         if decision.count_failover:
             owner.count_failover()
         if decision.fence:

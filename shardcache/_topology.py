@@ -122,6 +122,10 @@ class Node:
     def count_failover(self) -> None:
         self.failovers += 1
 
+    def wake(self) -> None:
+        """Make sure the prober runs (it probes DOWN nodes and forgets fenced keys)."""
+        self._wake()
+
     def report_success(self) -> None:
         """A call to the node worked: consecutive failures start again from zero."""
         if self.health.failures:

@@ -238,3 +238,15 @@ def test_two_ring_nodes_reaching_one_server_are_warned_about(caplog: pytest.LogC
     assert len(caplog.records) == 1
     assert A in caplog.records[0].getMessage() and "b:11211" in caplog.records[0].getMessage()
     cluster.close()
+
+
+def test_a_read_of_a_down_nodes_key_wakes_the_prober_even_under_fail_fast() -> None:
+    """After close() the prober thread is stopped; a read alone must bring it back, or a node that
+    returned would stay down for read-only traffic."""
+    cluster = Cluster(NODES, on_error="miss")
+    key = cluster.key_on(A)
+    cluster.fail(A)
+    wakes = cluster.membership.prober.wakes  # type: ignore[attr-defined]
+    assert cluster.get(key, "miss") == "miss"
+    assert cluster.membership.prober.wakes > wakes  # type: ignore[attr-defined]
+    cluster.close()

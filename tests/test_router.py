@@ -266,7 +266,8 @@ def test_the_router_decides_without_io_and_commit_records_the_stand_in(remap: Cl
     assert decision.target is remap.node(stand_in_of(remap, key))
     assert not owner.fenced(wire) and remap.membership.prober.wakes == wakes  # type: ignore[attr-defined]
     remap.router.commit(decision, wire)
-    assert owner.fenced(wire) and remap.membership.prober.wakes == wakes + 1  # type: ignore[attr-defined]
+    # woken for the fenced key (and because the owner is DOWN: the prober must be running)
+    assert owner.fenced(wire) and remap.membership.prober.wakes > wakes  # type: ignore[attr-defined]
     assert owner.counters()["failovers"] == 1
     assert all(server.attempts == 0 for server in remap.servers.values())
 

@@ -192,3 +192,9 @@ def test_timeout_is_a_deadline_for_the_whole_call_not_for_each_recv() -> None:
         stop.set()
         thread.join(5)
         server.close()
+
+
+def test_incr_with_noreply_cannot_create_a_counter_so_it_says_so(client: Any) -> None:
+    with pytest.raises(ArgumentError) as exc:
+        client.incr("hits", 1, initial=1, noreply=True)
+    assert "initial=1" in str(exc.value) and "noreply" in str(exc.value)

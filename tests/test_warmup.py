@@ -316,6 +316,9 @@ def test_a_lock_held_before_a_node_is_added_is_not_taken_again_during_the_window
     second = recipes.Lock(client, name, ttl_s=30, blocking_timeout_s=0)
     assert second.acquire(blocking=False) is False  # was: True (before the fix)
     assert first.release() is True
+    # released means released: the token left on the previous owner must not be warmed back
+    assert second.acquire(blocking=False) is True  # was: LockError until the TTL (before the fix)
+    assert second.release() is True
 
 
 # -- CAS when the owner changes ------------------------------------------------------------------------
