@@ -205,7 +205,7 @@ def get(core: Core, key: Any, default: Any) -> Flow[Any]:
             return default
         target = decision.target
     try:
-        reply = yield Call(target, proto.retrieve([wire]), Expect.VALUES, "get", key, wanted=wire)
+        reply = yield Call(target, proto.retrieve((wire,)), Expect.VALUES, "get", key, False, wire)
     except NodeError as err:
         core.failed(target, err, _READ, None)
         return default

@@ -145,7 +145,15 @@ class Executor:
             pool.discard(conn)
             self.failed(node, err, request.what, request.key)
             raise
-        self._settle(node, conn, reply)
+        # _settle, inlined: this is every single-key call's path
+        if type(reply) is ErrorReply and reply.fatal:
+            pool.discard(conn)  # its data block may have run as commands: out of step
+        else:
+            pool.release(conn)
+        if conn.parser.swallowed:
+            self._swallowed(node, conn)
+        if node.health.failures:
+            node.health.record_success()
         return reply
 
     def call_quiet(

@@ -258,6 +258,8 @@ def retrieve(wires: Sequence[bytes], *, cas: bool = False, touch: int | None = N
     """``get``/``gets`` of one or more keys, or ``gat``/``gats`` with a new expiry (``touch``)."""
     if not wires:
         raise ArgumentError("a retrieval needs at least one key")
+    if touch is None and len(wires) == 1:  # the common single-key get: one check, one concatenation
+        return (b"gets " if cas else b"get ") + _checked_wire(wires[0]) + b"\r\n"
     keys = b" ".join(wires) if all(type(w) is bytes for w in wires) else b""
     # one scan of the whole line instead of one per key: no control byte anywhere, and exactly the
     # separating spaces (an empty key or a key with a space changes the count); else key by key,
