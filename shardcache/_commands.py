@@ -278,7 +278,10 @@ def store(
     if topology.previous is not None:
         if kind.forget_before:  # the previous owner's copy goes first
             yield from forget_previous(core, topology, [(hash_key, wire, owner)])
-        elif command == b"add":  # the key may still exist on its previous owner: it must refuse
+        elif command != b"cas":
+            # add/replace/append/prepend act on what exists, which may still be on the previous
+            # owner: bring it over first (add then refuses, the others apply to it). A CAS token
+            # comes from gets, which has already brought it over.
             yield from warm(core, topology, [(hash_key, wire, owner)])
     target = owner
     if not owner.ready:
@@ -359,6 +362,8 @@ def touch(core: Core, key: Any, expire: int, noreply: bool | None) -> Flow[bool]
     expire = proto.check_expire(expire)
     topology = core.topology
     hash_key, wire, owner, decision = core.route(topology, key, _WRITE)
+    if topology.previous is not None:  # touch what exists, which may still be on its previous owner
+        yield from warm(core, topology, [(hash_key, wire, owner)])
     target, ttl = owner, expire
     if decision is not None:
         if decision.target is None:

@@ -107,13 +107,19 @@ def _sources(
     owner_of: dict[bytes, Node] = {}
     for hash_key, wire, owner in misses:
         old = topology.previous_owner(hash_key, owner, now)
-        if old is None or not old.ready or not owner.ready:
+        # both up, and neither still has to forget this key (a node fencing *other* keys is fine:
+        # skipping it would let a counter restart or a lock be taken twice)
+        if old is None or not _usable(old, wire) or not _usable(owner, wire):
             continue
         sources.setdefault(old.node_id, []).append(wire)
         nodes[old.node_id] = old
         nodes[owner.node_id] = owner
         owner_of[wire] = owner
     return sources, nodes, owner_of
+
+
+def _usable(node: Node, wire: bytes) -> bool:
+    return node.ready or (node.health.state == UP and not node.fenced(wire))
 
 
 def _copies(values: dict[bytes, Meta], owner_of: dict[bytes, Node]) -> dict[str, list[bytes]]:
