@@ -29,7 +29,7 @@ from shardcache._protocol import (
 )
 from shardcache.errors import ArgumentError, KeyValidationError, ProtocolError, ShardcacheError
 
-FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 I32_MIN, I32_MAX, U32_MAX, U64_MAX = -(2**31), 2**31 - 1, 2**32 - 1, 2**64 - 1
 

@@ -146,7 +146,7 @@ def test_a_discovery_poller_runs_again_in_a_forked_child() -> None:
 
 
 def test_timeout_is_a_deadline_for_the_whole_call_not_for_each_recv() -> None:
-    """A lying server that drips its reply one byte every 0.2 s: each recv succeeds within the
+    """A lying server that drips its reply one byte every 0.05 s: each recv succeeds within the
     timeout, so only a deadline for the whole call stops it (it took ~10 s with timeout=1.0)."""
     import socket
 
@@ -168,7 +168,7 @@ def test_timeout_is_a_deadline_for_the_whole_call_not_for_each_recv() -> None:
                 conns.append(conn)
                 reply = b"VALUE k 0 40\r\n" + b"x" * 40 + b"\r\nEND\r\n"
                 for byte in reply:
-                    if stop.wait(0.2):
+                    if stop.wait(0.05):
                         break
                     try:
                         conn.send(bytes([byte]))
@@ -181,13 +181,13 @@ def test_timeout_is_a_deadline_for_the_whole_call_not_for_each_recv() -> None:
     thread = threading.Thread(target=drip, daemon=True)
     thread.start()
     try:
-        with Client([f"127.0.0.1:{port}"], timeout=1.0, connect_timeout=1.0) as c:
+        with Client([f"127.0.0.1:{port}"], timeout=0.3, connect_timeout=1.0) as c:
             started = time.monotonic()
             with pytest.raises(ShardcacheError) as exc:
                 c.get("k")
             elapsed = time.monotonic() - started
         assert "timeout" in str(exc.value) or "timed out" in str(exc.value)
-        assert elapsed < 4.0  # one call, bounded by its deadline (1 s), not 40 bytes x 0.2 s
+        assert elapsed < 1.5  # one call, bounded by its deadline (0.3 s), not 40 bytes x 0.05 s = 2 s
     finally:
         stop.set()
         thread.join(5)

@@ -124,7 +124,7 @@ def fake_engine(socket_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
         path = socket_dir / "docker.sock"
         engine = FakeEngine(path, reply)
         engines.append(engine)
-        threading.Thread(target=engine.serve_forever, daemon=True).start()
+        threading.Thread(target=engine.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
         return engine
 
