@@ -39,6 +39,9 @@ _POLLOUT = select.POLLOUT | select.POLLERR | select.POLLHUP
 _monotonic = time.monotonic
 
 _pools: weakref.WeakSet[NodePool] = weakref.WeakSet()
+# An idle connection unused for longer than this is checked (one poll) before reuse: a restarted
+# server or memcached's own idle_timeout closes connections while they sit in the pool.
+_CHECK_IDLE_AFTER_S = 0.5
 
 
 class ConnectionSettings:
@@ -172,6 +175,21 @@ class Connection:
         reason = exc.strerror or type(exc).__name__
         return NodeUnavailableError(f"memcached node {self.node_id}: {reason}", self.node_id)
 
+    def closed_by_peer(self) -> bool:
+        """For an idle connection: True if the server has closed it (or sent something nobody
+        asked for), so it must not be reused. One non-blocking poll. A connection with replies
+        still to come (an ``mn`` behind noreply commands) or TLS (a session ticket may arrive
+        unasked) is not judged this way."""
+        if self.parser.pending or self.tls:
+            return False
+        if self._pollout:
+            self._poll.modify(self.sock.fileno(), _POLLIN)
+            self._pollout = False
+        try:
+            return bool(self._poll.poll(0))
+        except OSError:
+            return True
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -292,8 +310,11 @@ class NodePool:
                 conn, since = idle.pop()
             except IndexError:  # another thread took the last one
                 break
-            if self._idle_timeout and _monotonic() - since > self._idle_timeout:
-                conn.close()
+            idle_for = _monotonic() - since
+            if (self._idle_timeout and idle_for > self._idle_timeout) or (
+                idle_for > _CHECK_IDLE_AFTER_S and conn.closed_by_peer()
+            ):
+                conn.close()  # expired, or the server closed it (restart, its idle_timeout)
                 continue
             return conn
         conn = connect(self.spec, self._settings, deadline)
@@ -313,7 +334,7 @@ class NodePool:
         ):
             conn.close()
         else:
-            self._idle.append((conn, _monotonic() if self._idle_timeout else 0.0))
+            self._idle.append((conn, _monotonic()))
 
     @staticmethod
     def discard(conn: Connection) -> None:
