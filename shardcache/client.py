@@ -322,6 +322,11 @@ class Client:
         """
         return self._run(_batch.delete_many(self._core, keys, noreply))
 
+    # pymemcache's older names for the multi-key calls (its Client and HashClient have both)
+    get_multi = get_many
+    set_multi = set_many
+    delete_multi = delete_many
+
     # -- cluster-wide commands --------------------------------------------------------------------
 
     def flush_all(self, delay: int = 0, noreply: bool | None = None) -> dict[str, bool]:

@@ -232,3 +232,11 @@ def test_bad_cas_tokens_raise_before_anything_is_sent(token: object) -> None:
     client = Client(["192.0.2.1:11211"], connect_timeout=0.01, timeout=0.01)
     with pytest.raises(ArgumentError, match="cas"):
         client.cas("k", 1, token)
+
+
+def test_pymemcache_multi_names_are_the_many_calls() -> None:
+    from pymemcache.client.base import Client as PymemcacheClient
+
+    for old, new in (("get_multi", "get_many"), ("set_multi", "set_many"), ("delete_multi", "delete_many")):
+        assert hasattr(PymemcacheClient, old)
+        assert getattr(Client, old) is getattr(Client, new)
