@@ -139,8 +139,7 @@ class Executor:
             self.failed(node, err, request.what, request.key)
             raise
         try:
-            conn.send(request.payload, deadline)
-            reply = conn.read_reply(deadline)
+            reply = conn.request(request.payload, deadline)
         except NodeError as err:
             pool.discard(conn)
             self.failed(node, err, request.what, request.key)

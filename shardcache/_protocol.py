@@ -136,7 +136,8 @@ class KeyCodec:
 
     def wire(self, key: object) -> tuple[bytes, bytes]:
         """``(hashed key, key as sent)``; ``KeyValidationError`` naming the key if it is unsafe."""
-        raw = self.raw(key)
+        # the common case, an ASCII str, without a call to raw()
+        raw = key.encode("ascii") if type(key) is str and key.isascii() else self.raw(key)
         wire = self.prefix + raw if self.prefix else raw
         if not raw or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
             raise KeyValidationError(_key_problem(key, raw, wire))
@@ -259,7 +260,10 @@ def retrieve(wires: Sequence[bytes], *, cas: bool = False, touch: int | None = N
     if not wires:
         raise ArgumentError("a retrieval needs at least one key")
     if touch is None and len(wires) == 1:  # the common single-key get: one check, one concatenation
-        return (b"gets " if cas else b"get ") + _checked_wire(wires[0]) + b"\r\n"
+        wire = wires[0]
+        if type(wire) is not bytes or not 0 < len(wire) <= MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+            wire = _checked_wire(wire)  # raises, naming the problem
+        return (b"gets " if cas else b"get ") + wire + b"\r\n"
     keys = b" ".join(wires) if all(type(w) is bytes for w in wires) else b""
     # one scan of the whole line instead of one per key: no control byte anywhere, and exactly the
     # separating spaces (an empty key or a key with a space changes the count); else key by key,

@@ -196,7 +196,12 @@ class ReplyParser:
                     raise self._error(f"unexpected bytes {bytes(self._buf[self._pos : self._pos + 40])!r}")
                 return NEED_DATA
             kind, data_block, wanted = self._expect[0]
-            if kind in (Expect.VALUES, Expect.CAS_VALUES):
+            if kind == Expect.VALUES and not self._items and self._buf.endswith(b"END\r\n"):
+                # a whole get reply, most likely: the fast path, without _values' line-by-line loop
+                reply = self._whole_values(wanted, False)
+                if reply is None:
+                    reply = self._values(wanted, False)
+            elif kind in (Expect.VALUES, Expect.CAS_VALUES):
                 reply = self._values(wanted, kind == Expect.CAS_VALUES)
             elif kind == Expect.NOOP:
                 reply = self._noop()
