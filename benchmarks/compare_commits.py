@@ -270,6 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=0.5, help="delayed phase: delay each way")
     parser.add_argument("--phase", choices=("both", "loopback", "delayed"), default="both")
     parser.add_argument("--nodes", type=int, default=4, help="memcached servers (default 4)")
+    parser.add_argument(
+        "--memcached-threads",
+        type=int,
+        default=0,
+        help="memcached -t (default: memcached's own, 4); 1 puts every connection on one server "
+        "thread, so which thread a worker's connections land on cannot favour one tree on a 2-core machine",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every round as JSON")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="summarize saved runs and exit")
     args = parser.parse_args(argv)
@@ -296,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict[str, Rates]] = {c: {} for c in CLOCKS}  # {clock: {phase: Rates}}
     trees: dict[str, dict[str, Any]] = {}
     rtt: dict[str, tuple[float, float]] = {}
-    with LocalCluster(args.nodes, backend="process") as cluster:
+    threads = ("-t", str(args.memcached_threads)) if args.memcached_threads else ()
+    with LocalCluster(args.nodes, backend="process", memcached_args=threads) as cluster:
         nodes = [node.address for node in cluster.nodes]
         memcached_version = cluster.nodes[0].version()
         if "loopback" in phases:
