@@ -159,14 +159,14 @@ def test_unreachable_node_fails_within_the_timeout_naming_the_node() -> None:
     listener.listen(8)
     port = listener.getsockname()[1]
     try:
-        client = Client([f"127.0.0.1:{port}"], connect_timeout=0.2, timeout=0.2)
+        client = Client([f"127.0.0.1:{port}"], connect_timeout=0.1, timeout=0.1)
         with pytest.raises(NodeTimeoutError) as info:
             client.get("k")
         assert info.value.node_id == f"127.0.0.1:{port}"
         assert isinstance(info.value, NodeUnavailableError)
         with pytest.raises(NodeTimeoutError, match=f"127.0.0.1:{port}"):
             client.get_many(["a", "b"])
-        miss = Client([f"127.0.0.1:{port}"], timeout=0.2, on_error="miss")
+        miss = Client([f"127.0.0.1:{port}"], timeout=0.1, on_error="miss")
         assert miss.get("k", "dflt") == "dflt"
         assert miss.set("k", 1) is False
         assert miss.get_many(["a"]) == {}

@@ -240,9 +240,9 @@ def test_floats_round_trip_bit_for_bit(value: float) -> None:
     assert repr(round_trip(default_serde, value)) == repr(value)
 
 
-# 150 examples (was 300; Hypothesis's default is 100): drawing nested values is most of the cost.
+# 100 examples (was 300; Hypothesis's default): drawing nested values is most of the cost.
 # The same strategy also reaches DefaultSerde through the CompressedSerde round-trip test below.
-@settings(max_examples=150, database=None)
+@settings(max_examples=100, database=None)
 @given(json_values)
 def test_json_able_values_round_trip_exactly_except_tuples_become_lists(value: Any) -> None:
     assert canonical(round_trip(default_serde, value)) == canonical(value)
