@@ -379,12 +379,17 @@ def test_a_key_written_with_set_many_during_warm_up_leaves_no_old_value_behind(n
 
 
 @pytest.mark.smoke
+@pytest.mark.parametrize("warmup_s", [WARMUP_S, 0], ids=["warm-up", "no-warm-up"])
 @pytest.mark.parametrize("initial", [None, 0], ids=["incr", "incr-initial"])
-def test_a_counter_keeps_its_count_across_warm_up(nodes: list[str], initial: int | None) -> None:
+def test_a_counter_keeps_its_count_across_warm_up(
+    nodes: list[str], initial: int | None, warmup_s: float
+) -> None:
+    """With a warm-up window, or without one (the pinned window keeps the previous ring for
+    counters, CAS and locks), a counter that moved goes on counting instead of restarting."""
     with make_client(nodes[:2]) as client:
         key = _moved_keys(client, "add", nodes[2], 1)[0]
         assert client.incr(key, 1, initial=10) == 10
-        client.add_node(nodes[2], warmup_s=WARMUP_S)
+        client.add_node(nodes[2], warmup_s=warmup_s)
         assert client.incr(key, 1, initial=initial) == 11  # brought over from its previous owner
         assert client.decr(key, 2) == 9
         assert where(nodes[:3], [key]) == {key: [nodes[2]]}  # counted in one place only
@@ -581,3 +586,28 @@ def test_a_delete_during_warm_up_whose_previous_owner_fails_does_not_come_back(
         assert client.get(key) is None  # the warm-up must not copy V0 back
         time.sleep(0.5)
         assert client.get(key) is None
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_a_lock_held_across_a_change_without_a_window_is_not_taken_twice(
+    nodes: list[str], change: str
+) -> None:
+    with make_client(nodes[:3]) as client:
+        now = client.ring
+        after = now.with_node(nodes[3]) if change == "add" else now.without_node(nodes[2])
+        name = next(
+            n
+            for n in (f"job{i}" for i in range(2000))
+            if now.node_for(f"{n}:lock") != after.node_for(f"{n}:lock")
+        )
+        first = client.lock(name, ttl_s=30, blocking_timeout_s=0)
+        assert first.acquire(blocking=False)
+        if change == "add":
+            client.add_node(nodes[3])
+        else:
+            client.remove_node(nodes[2])
+        second = client.lock(name, ttl_s=30, blocking_timeout_s=0)
+        assert second.acquire(blocking=False) is False  # still held: it was brought over, not lost
+        assert first.release() is True
+        assert second.acquire(blocking=False) is True
+        assert second.release() is True

@@ -106,7 +106,7 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
                     continue
                 found[key] = (value, CasToken(b"%d" % item.cas, node_id)) if with_cas else value
     _settle(core, results, plan.down, reading=True)
-    if topology.previous is not None and not with_cas and len(found) < len(hashed):
+    if topology.window and not with_cas and len(found) < len(hashed):
         missed = [(key, h, w) for key, h, w in hashed if key not in found]
         warmed = yield from warm(core, topology, _owners(core, missed))
         for key, _, wire in missed:
@@ -145,7 +145,7 @@ def set_many(
     for (_, _, wire), (_, value) in zip(hashed, items, strict=True):
         encoded[wire] = core.encode(wire, value, flags)
     topology = core.topology
-    if topology.previous is not None:  # during a window the previous owners' copies go first
+    if topology.previous is not None:  # in a window the previous owners' copies go first
         yield from forget_previous(core, topology, _owners(core, hashed))
     kind = CallKind.REPLACING_WRITE
     plan = core.router.plan(topology, hashed, kind, "set_many")

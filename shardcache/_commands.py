@@ -213,7 +213,7 @@ def get(core: Core, key: Any, default: Any) -> Flow[Any]:
         core.refused(target, reply, "get", key, _READ)
         return default
     if not reply:
-        if topology.previous is not None:
+        if topology.window:
             warmed = yield from warm(core, topology, [(hash_key, wire, owner)])
             return warmed.get(wire, default)
         return default
@@ -224,9 +224,9 @@ def get(core: Core, key: Any, default: Any) -> Flow[Any]:
 def gets(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
     """``(value, CasToken)``, None if absent, or ``UNAVAILABLE`` if no node could answer."""
     found = yield from _gets_once(core, key, kind)
-    if found is None and core.topology.previous is not None:
+    topology = core.topology
+    if found is None and (topology.window or (kind is _PINNED_READ and topology.previous is not None)):
         hash_key, wire = core.keys.wire(key)
-        topology = core.topology
         if (yield from warm(core, topology, [(hash_key, wire, topology.owner(hash_key))])):
             found = yield from _gets_once(core, key, kind)  # moved in a membership change: copied over
     return found
@@ -278,10 +278,11 @@ def store(
     if topology.previous is not None:
         if kind.forget_before:  # the previous owner's copy goes first
             yield from forget_previous(core, topology, [(hash_key, wire, owner)])
-        elif command != b"cas":
+        elif command != b"cas" and (topology.window or kind is _PINNED):
             # add/replace/append/prepend act on what exists, which may still be on the previous
             # owner: bring it over first (add then refuses, the others apply to it). A CAS token
-            # comes from gets, which has already brought it over.
+            # comes from gets, which has already brought it over. Outside a warm-up window only
+            # pinned calls (a lock's add) do this: a plain moved key is a miss there.
             yield from warm(core, topology, [(hash_key, wire, owner)])
     target = owner
     if not owner.ready:
@@ -362,7 +363,7 @@ def touch(core: Core, key: Any, expire: int, noreply: bool | None) -> Flow[bool]
     expire = proto.check_expire(expire)
     topology = core.topology
     hash_key, wire, owner, decision = core.route(topology, key, _WRITE)
-    if topology.previous is not None:  # touch what exists, which may still be on its previous owner
+    if topology.window:  # touch what exists, which may still be on its previous owner
         yield from warm(core, topology, [(hash_key, wire, owner)])
     target, ttl = owner, expire
     if decision is not None:

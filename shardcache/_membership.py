@@ -19,7 +19,7 @@ from shardcache._events import Events, logger
 from shardcache._flows import Flow
 from shardcache._options import Options
 from shardcache._prober import Prober
-from shardcache._topology import Node, Topology
+from shardcache._topology import PINNED_WINDOW_S, Node, Topology
 from shardcache.health import DOWN, UP, Event, NodeHealth
 from shardcache.nodes import NodeSpec
 from shardcache.ring import Ring
@@ -113,8 +113,9 @@ class Membership:
         """Swap to ``ring`` atomically; the node ids added and removed.
 
         Requests in flight finish on the snapshot they started with. With ``window_s`` > 0 the
-        previous ring stays consulted for that long; removed nodes keep their connections until
-        the window ends.
+        previous ring stays consulted for that long by every call; with 0, for
+        ``PINNED_WINDOW_S`` by counters, CAS and locks only. Removed nodes keep their connections
+        until the window ends.
         """
         with self._change_lock:
             current = self.topology
@@ -129,14 +130,16 @@ class Membership:
             added = [n for n in nodes if n not in current.nodes]
             removed = [n for n in current.nodes if n not in nodes]
             window = window_s > 0
+            keep_s = window_s if window else PINNED_WINDOW_S  # the previous ring, for pinned calls
             self.topology = Topology(
                 ring,
                 nodes,
                 current.gutter_ring,
                 current.gutter_nodes,
-                current.ring if window else None,
-                dict(current.nodes) if window else None,
-                self._options.clock() + window_s if window else 0.0,
+                current.ring,
+                dict(current.nodes),
+                self._options.clock() + keep_s,
+                full_window=window,
             )
             retired = [current.nodes[n] for n in removed]
             if self._window_timer is not None:
@@ -147,16 +150,11 @@ class Membership:
                         node.pool.retire()
             self._window_timer = None
             self._retiring = []
-            if window:
-                timer = threading.Timer(window_s, self._end_window, args=(self.topology, retired))
-                timer.daemon = True
-                self._window_timer = timer
-                self._retiring = retired
-                timer.start()
-            else:
-                for node in retired:
-                    if nodes.get(node.node_id) is not node:
-                        node.pool.retire()
+            timer = threading.Timer(keep_s, self._end_window, args=(self.topology, retired))
+            timer.daemon = True
+            self._window_timer = timer
+            self._retiring = retired
+            timer.start()
         for node_id in added:
             self._events.emit(Event("node_added", node_id, f"warm-up {window_s:g}s" if window else ""))
         for node_id in removed:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import Final
 
 from shardcache._conn import NodePool
 from shardcache.errors import NodeTimeoutError, NodeUnavailableError, ProtocolError
@@ -275,11 +276,21 @@ class Node:
         return f"<Node {self.node_id} {self.health.state}{'' if self.ready else ' (fencing)'}>"
 
 
+# After a membership change without a window, how long counters, CAS loops and locks still look for
+# their key on its previous owner (bringing it over, then deleting it there). One process's view:
+# processes that apply the change at other moments are not covered (docs/consistency.md).
+PINNED_WINDOW_S: Final = 60.0
+
+
 class Topology:
     """An immutable snapshot: the ring and its nodes, the gutter ring and nodes (if any), and
-    during a warm-up or drain window (until ``window_until``) the previous ring and its nodes."""
+    during a window (until ``window_until``) the previous ring and its nodes: a warm-up or drain
+    window for every call (``window``), or the pinned window for counters, CAS and locks only."""
 
-    __slots__ = ("gutter_nodes", "gutter_ring", "nodes", "previous", "previous_nodes", "ring", "window_until")
+    __slots__ = (
+        "full_window", "gutter_nodes", "gutter_ring", "nodes", "previous", "previous_nodes", "ring",
+        "window",  "window_until",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -290,6 +301,8 @@ class Topology:
         previous: Ring | None = None,
         previous_nodes: Mapping[str, Node] | None = None,
         window_until: float = 0.0,
+        *,
+        full_window: bool = True,
     ) -> None:
         self.ring = ring
         self.nodes = nodes
@@ -298,6 +311,12 @@ class Topology:
         self.previous = previous
         self.previous_nodes: Mapping[str, Node] = previous_nodes or {}
         self.window_until = window_until
+        # A warm-up/drain window (``warmup_s``/``drain_s`` > 0): reads and writes consult the
+        # previous ring. Without one, the previous ring is still kept for PINNED_WINDOW_S, for
+        # counters, CAS and locks only: a counter is brought over instead of restarting, and a held
+        # lock stays held. ``window`` is what read and write paths test.
+        self.full_window = full_window
+        self.window = previous is not None and full_window
 
     def owner(self, hash_key: bytes) -> Node:
         return self.nodes[self.ring.node_for(hash_key)]

@@ -12,6 +12,7 @@ from fakes import Cluster
 
 from shardcache import Client, ConfigurationError
 from shardcache._router import CallKind
+from shardcache._topology import PINNED_WINDOW_S
 from shardcache.health import DOWN, PROBING, UP
 
 NODES = ["a:11211", "b:11211", "c:11211"]
@@ -27,7 +28,9 @@ def test_a_change_swaps_one_reference_and_a_snapshot_in_flight_keeps_its_ring() 
     assert current is not in_flight and D in current.nodes and D not in in_flight.nodes
     assert in_flight.ring.nodes == tuple(NODES)  # a request that read it finishes on the old ring
     assert all(current.nodes[n] is in_flight.nodes[n] for n in NODES)  # same connections and health
-    assert current.previous is None and current.window_until == 0.0
+    # no warm-up window: the previous ring is kept for pinned calls only, for PINNED_WINDOW_S
+    assert current.previous is in_flight.ring and not current.window and not current.full_window
+    assert current.window_until == cluster.clock() + PINNED_WINDOW_S
     assert [(e.kind, e.node_id, e.detail) for e in cluster.seen] == [("node_added", D, "")]
 
 
@@ -91,12 +94,18 @@ class RecordingPool:
         self.retired += 1
 
 
-def test_a_node_removed_without_a_window_has_its_connections_closed_at_once() -> None:
+def test_a_node_removed_without_a_window_is_retired_when_the_pinned_window_ends() -> None:
     cluster = Cluster(NODES)
     pool = RecordingPool()
     cluster.node(A).pool = pool  # type: ignore[assignment]
     cluster.change(cluster.topology.ring.without_node(A), 0)
+    assert pool.retired == 0  # counters, CAS and locks may still find their key on it
+    timer = cluster.membership._window_timer
+    assert timer is not None and timer.interval == PINNED_WINDOW_S
+    timer.cancel()
+    timer.function(*timer.args)  # the window ends
     assert pool.retired == 1
+    assert cluster.topology.previous is None
 
 
 def test_a_drain_window_cut_short_by_another_change_still_closes_the_removed_nodes_connections() -> None:

@@ -374,10 +374,12 @@ def test_cas_update_rereads_when_the_owner_changes_between_gets_and_cas(cluster:
     flow = recipes.cas_update_flow(
         cluster.core, key, bump, initial=0, expire=0, max_attempts=5, backoff_s=0.001, max_backoff_s=0.01
     )
-    assert cluster.run(flow) == 1  # re-read on the new owner: absent there, created from initial
-    assert calls == [10, 0]
-    assert cluster.servers[old].peek(key.encode()) == b"10"  # the token's node was never written
-    assert cluster.servers[D].peek(key.encode()) == b"1"
+    # re-read on the new owner: the value is brought over from its previous owner (the pinned
+    # window), so the count goes on instead of restarting from initial
+    assert cluster.run(flow) == 11
+    assert calls == [10, 10]
+    assert cluster.servers[old].peek(key.encode()) is None  # counted in one place only
+    assert cluster.servers[D].peek(key.encode()) == b"11"
     assert cluster.executor.slept and max(cluster.executor.slept) <= 0.01  # backoff on the fake clock
 
 
@@ -398,3 +400,24 @@ def test_a_value_with_flags_out_of_range_on_the_previous_owner_is_a_miss_not_an_
     assert cluster.get(key, "miss") == "miss"
     assert cluster.servers[D].peek(key.encode()) is None
     assert cluster.get(key2) == key2  # the other moved keys still warm up
+
+
+def test_without_a_window_reads_miss_but_a_counter_is_brought_over_and_a_delete_stays() -> None:
+    """The pinned window: after a change without warm-up, a plain read of a moved key misses (no
+    copy), but a counter goes on counting, and a counter deleted meanwhile is not warmed back."""
+    cluster = Cluster(NODES)
+    before = {f"w{i}": cluster.owner_id(f"w{i}") for i in range(300)}
+    for key, owner in before.items():
+        cluster.servers[owner].put(key.encode(), b"41", flags=2, ttl=300)
+    cluster.change(cluster.topology.ring.with_node(D), 0)
+    moved = [(key, old) for key, old in before.items() if cluster.owner_id(key) == D]
+    (read, _), (counted, old), (deleted, old_deleted) = moved[:3]
+    assert cluster.get(read, "miss") == "miss" and cluster.servers[D].peek(read.encode()) is None
+    incr = cmd.counter(cluster.core, counted, 1, decr=False, noreply=None, initial=None, expire=0)
+    assert cluster.run(incr) == 42
+    assert cluster.servers[old].peek(counted.encode()) is None  # counted in one place only
+    assert cluster.run(cmd.delete(cluster.core, deleted, None)) is False  # absent on its new owner
+    assert cluster.servers[old_deleted].peek(deleted.encode()) is None  # ...and gone from the old one
+    again = cmd.counter(cluster.core, deleted, 1, decr=False, noreply=None, initial=1, expire=0)
+    assert cluster.run(again) == 1  # starts afresh: the deleted count does not come back
+    cluster.close()
