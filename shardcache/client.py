@@ -387,7 +387,10 @@ class Client:
 
     def add_node(self, spec: NodeSpecLike, *, warmup_s: float = 0.0) -> None:
         """Add a node. For ``warmup_s`` seconds a miss on a key that moved to it is read from the
-        key's previous owner and copied over. ``ConfigurationError`` if it is already present."""
+        key's previous owner and copied over. With ``warmup_s=0`` moved keys miss, but for 60 s
+        counters, ``cas_update`` and locks still bring their key over from its previous owner (so
+        a count goes on and a held lock stays held; README "Scaling out and in").
+        ``ConfigurationError`` if it is already present."""
         window = _window("warmup_s", warmup_s)
         with self._reconfigure:
             ring = self._membership.topology.ring.with_node(spec)
@@ -396,7 +399,8 @@ class Client:
 
     def remove_node(self, node_id: str, *, drain_s: float = 0.0) -> None:
         """Remove a node. For ``drain_s`` seconds a miss on one of its keys is read from it while it
-        still answers. ``ConfigurationError`` if it is absent or the last node."""
+        still answers; with ``drain_s=0``, for 60 s counters, ``cas_update`` and locks still do
+        (as for :meth:`add_node`). ``ConfigurationError`` if it is absent or the last node."""
         window = _window("drain_s", drain_s)
         with self._reconfigure:
             self._membership.change(self._membership.topology.ring.without_node(node_id), window)
