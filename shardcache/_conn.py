@@ -122,41 +122,6 @@ class Connection:
         except OSError as exc:
             raise self.failure(exc) from exc
 
-    def request(self, payload: bytes, deadline: float | None) -> Any:
-        """Send ``payload`` and return the next reply: :meth:`send` then :meth:`read_reply`, with
-        the usual case (all sent at once, nothing buffered, the reply in one recv) inlined: it is
-        every single-key call's path."""
-        sock = self.sock
-        try:
-            sent = sock.send(payload)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            sent = 0
-        except OSError as exc:
-            raise self.failure(exc) from exc
-        parser = self.parser
-        if sent != len(payload) or self.tls or self._pollout or parser.buffered:
-            if sent != len(payload):
-                self.send(payload[sent:], deadline)
-            return self.read_reply(deadline)
-        if deadline is None:
-            ready = self._poll.poll(None)
-        else:
-            left = deadline - _monotonic()
-            ready = self._poll.poll(int(left * 1000) + 1) if left > 0 else []
-        if not ready:
-            raise self.timed_out()
-        try:
-            data = sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
-            return self.read_reply(deadline)
-        except OSError as exc:
-            raise self.failure(exc) from exc
-        if not data:
-            raise NodeUnavailableError(f"memcached node {self.node_id}: connection closed", self.node_id)
-        parser.feed(data)
-        reply = parser.next()
-        return self.read_reply(deadline) if reply is NEED_DATA else reply
-
     # -- receiving ------------------------------------------------------------------------------
 
     def read_reply(self, deadline: float | None) -> Any:

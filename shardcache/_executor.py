@@ -139,20 +139,13 @@ class Executor:
             self.failed(node, err, request.what, request.key)
             raise
         try:
-            reply = conn.request(request.payload, deadline)
+            conn.send(request.payload, deadline)
+            reply = conn.read_reply(deadline)
         except NodeError as err:
             pool.discard(conn)
             self.failed(node, err, request.what, request.key)
             raise
-        # _settle, inlined: this is every single-key call's path
-        if type(reply) is ErrorReply and reply.fatal:
-            pool.discard(conn)  # its data block may have run as commands: out of step
-        else:
-            pool.release(conn)
-        if conn.parser.swallowed:
-            self._swallowed(node, conn)
-        if node.health.failures:
-            node.health.record_success()
+        self._settle(node, conn, reply)
         return reply
 
     def call_quiet(
