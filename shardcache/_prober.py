@@ -120,9 +120,12 @@ class Prober:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        """Wake the prober, starting its thread if needed."""
-        self._wake.set()
+    def start(self, wake: bool = True) -> None:
+        """Wake the prober (``wake``: it has new work now), starting its thread if needed."""
+        if wake:
+            self._wake.set()
+        elif self._thread is not None and self._thread.is_alive():
+            return  # running, on its own schedule: nothing to do (no lock on this path)
         with self._lock:
             if self._closed.is_set() or (self._thread is not None and self._thread.is_alive()):
                 return

@@ -158,7 +158,7 @@ class Router:
         """Apply a decision's bookkeeping to its owner node."""
         owner = decision.owner
         if owner.health.state == DOWN:
-            owner.wake()  # its prober may have been stopped (close()): a read alone must bring it back
+            owner.keep_probed()  # the prober may have been stopped (close()): a read must restart it
         if decision.count_failover:
             owner.count_failover()
         if decision.fence:

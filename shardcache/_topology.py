@@ -100,7 +100,7 @@ class Node:
                  "health", "node_id", "ops", "pool", "ready", "spec", "timeouts")  # fmt: skip
 
     def __init__(
-        self, spec: NodeSpec, pool: NodePool, health: NodeHealth, fence_limit: int, wake: Callable[[], None]
+        self, spec: NodeSpec, pool: NodePool, health: NodeHealth, fence_limit: int, wake: Callable[..., None]
     ) -> None:
         self.spec = spec
         self.node_id = spec.node_id
@@ -123,9 +123,11 @@ class Node:
     def count_failover(self) -> None:
         self.failovers += 1
 
-    def wake(self) -> None:
-        """Make sure the prober runs (it probes DOWN nodes and forgets fenced keys)."""
-        self._wake()
+    def keep_probed(self) -> None:
+        """The node is DOWN: make sure the prober's thread runs (``close()`` stops it), without
+        waking it: it probes on its own backoff schedule, however many requests find the node
+        down."""
+        self._wake(False)
 
     def report_success(self) -> None:
         """A call to the node worked: consecutive failures start again from zero."""

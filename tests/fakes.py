@@ -400,10 +400,12 @@ class ManualProber(Prober):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.wakes = 0
+        self.wakes = 0  # start() calls
+        self.woken = 0  # of which asked to wake it (new work), not just to keep it running
 
-    def start(self) -> None:
+    def start(self, wake: bool = True) -> None:
         self.wakes += 1
+        self.woken += wake
 
 
 class Cluster:

@@ -6,6 +6,7 @@ node is flushed. The prober's passes run by hand (``Cluster.prober_pass``) over 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from fakes import Cluster, FakeExecutor
@@ -13,6 +14,7 @@ from fakes import Cluster, FakeExecutor
 from shardcache import _batch, recipes
 from shardcache._events import Events
 from shardcache._prober import Prober, forget_flow
+from shardcache._topology import Topology
 from shardcache.errors import NodeUnavailableError
 from shardcache.health import DOWN, PROBING, UP, Event
 
@@ -516,6 +518,36 @@ def test_the_prober_thread_waits_for_a_down_node_without_probing_early() -> None
     prober.close()  # bounded: the thread is waiting on its backoff and wakes at once
     assert probed == [] and cluster.node(A).health.state == DOWN
     assert cluster.node(A).health.state != PROBING
+
+
+def test_keeping_a_down_node_probed_restarts_a_stopped_prober_without_waking_a_running_one() -> None:
+    """Every request that finds a node down asks for this: it must not make the prober loop spin."""
+    cluster = Cluster(NODES, retry_interval_s=30.0)
+    cluster.fail(A)
+    passes: list[float] = []
+
+    def topology() -> Topology:  # read once per pass of the prober's loop
+        passes.append(time.monotonic())
+        return cluster.topology
+
+    prober = Prober(topology, lambda flow: None, Events())
+    prober.start(wake=False)  # stopped (as after close()): started
+    assert prober._thread is not None and prober._thread.is_alive()
+    deadline = time.monotonic() + 2
+    while not passes and time.monotonic() < deadline:  # its first pass
+        time.sleep(0.001)
+    time.sleep(0.05)
+    first = len(passes)
+    for _ in range(100):
+        prober.start(wake=False)  # running: nothing, the loop is not woken
+        time.sleep(0.0005)
+    assert len(passes) == first  # waking it each time would have run up to 100 more passes
+    prober.start()  # new work: woken
+    deadline = time.monotonic() + 2
+    while len(passes) == first and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(passes) > first
+    prober.close()
 
 
 def test_forget_flow_with_nothing_to_do_settles_and_reports_success() -> None:

@@ -255,7 +255,9 @@ def test_a_read_of_a_down_nodes_key_wakes_the_prober_even_under_fail_fast() -> N
     cluster = Cluster(NODES, on_error="miss")
     key = cluster.key_on(A)
     cluster.fail(A)
-    wakes = cluster.membership.prober.wakes  # type: ignore[attr-defined]
+    prober = cluster.membership.prober
+    wakes, woken = prober.wakes, prober.woken  # type: ignore[attr-defined]
     assert cluster.get(key, "miss") == "miss"
-    assert cluster.membership.prober.wakes > wakes  # type: ignore[attr-defined]
+    assert prober.wakes > wakes  # type: ignore[attr-defined]
+    assert prober.woken == woken  # type: ignore[attr-defined]  # kept running, not woken: no spinning
     cluster.close()
