@@ -290,7 +290,7 @@ class Topology:
     window for every call (``window``), or the pinned window for counters, CAS and locks only."""
 
     __slots__ = (
-        "full_window", "gutter_nodes", "gutter_ring", "nodes", "previous", "previous_nodes", "ring",
+        "gutter_nodes", "gutter_ring", "nodes", "previous", "previous_nodes", "ring",
         "window",  "window_until",
     )  # fmt: skip
 
@@ -317,7 +317,6 @@ class Topology:
         # previous ring. Without one, the previous ring is still kept for PINNED_WINDOW_S, for
         # counters, CAS and locks only: a counter is brought over instead of restarting, and a held
         # lock stays held. ``window`` is what read and write paths test.
-        self.full_window = full_window
         self.window = previous is not None and full_window
 
     def owner(self, hash_key: bytes) -> Node:

@@ -29,7 +29,7 @@ def test_a_change_swaps_one_reference_and_a_snapshot_in_flight_keeps_its_ring() 
     assert in_flight.ring.nodes == tuple(NODES)  # a request that read it finishes on the old ring
     assert all(current.nodes[n] is in_flight.nodes[n] for n in NODES)  # same connections and health
     # no warm-up window: the previous ring is kept for pinned calls only, for PINNED_WINDOW_S
-    assert current.previous is in_flight.ring and not current.window and not current.full_window
+    assert current.previous is in_flight.ring and not current.window
     assert current.window_until == cluster.clock() + PINNED_WINDOW_S
     assert [(e.kind, e.node_id, e.detail) for e in cluster.seen] == [("node_added", D, "")]
 
