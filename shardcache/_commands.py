@@ -37,13 +37,16 @@ from shardcache.errors import (
 )
 from shardcache.health import Event
 
-__all__ = ["UNAVAILABLE", "CasToken", "Core", "Engine"]
+__all__ = ["FLOW", "UNAVAILABLE", "CasToken", "Core", "Engine", "Request"]
 
 UNAVAILABLE: Final = object()  # what pinned flows return when the key's node could not be reached
+FLOW: Final = object()  # what a flow-less fast path returns when the flow must run instead
 _MISSING: Final = object()
 _READ, _WRITE, _REPLACE = CallKind.READ, CallKind.WRITE, CallKind.REPLACING_WRITE
 _PINNED, _PINNED_READ = CallKind.PINNED, CallKind.PINNED_READ
 _STORED: Final = b"STORED"
+_MAX_FLAGS: Final = 2**32 - 1
+_WHAT: Final = {name: name.decode() for name in (b"set", b"add", b"replace", b"append", b"prepend")}
 _CREATE_ATTEMPTS: Final = 8
 
 
@@ -93,7 +96,8 @@ class Core:
         data, data_flags = self.serde.serialize(wire, value)
         if flags is not None:
             data_flags = flags
-        data_flags = proto.check_flags(data_flags)
+        if type(data_flags) is not int or not 0 <= data_flags <= _MAX_FLAGS:
+            data_flags = proto.check_flags(data_flags)  # raises, naming the value
         if type(data) is not bytes:
             if isinstance(data, bytearray | memoryview):
                 data = bytes(data)
@@ -109,17 +113,42 @@ class Core:
         """The value of a reply item; ``_MISSING`` if it cannot be read and ``on_error="miss"``."""
         try:
             if type(item) is Oversized:
-                limit = self.options.max_item_size
-                raise ValueTooLargeError(
-                    f"the value of {key!r} is {item.size} bytes, over max_item_size={limit}"
-                    " (raise it to match memcached's -I)", key, "" if node is None else node.node_id,
-                )  # fmt: skip
+                raise self._oversized(node, key, item)
             return self.serde.deserialize(item.key, item.data, item.flags)
         except Exception as exc:
-            if not (self.miss_on_error and isinstance(exc, SerializationError | ValueTooLargeError)):
-                raise
-            self.events.emit(Event("error", "" if node is None else node.node_id, str(exc), exc, key))
+            self._undecodable(node, key, exc)
             return _MISSING
+
+    def value_of(self, node: Node, key: Any, reply: Any, default: Any) -> Any:
+        """What a one-key ``get`` returns for ``reply`` from ``node``: the value, or ``default``
+        for a miss (or an error reply or an unreadable value if they do not raise: see
+        :meth:`refused`, :meth:`decode`). The hot path: :meth:`decode` written in."""
+        if type(reply) is not list:
+            self.refused(node, reply, "get", key, _READ)
+            return default
+        if not reply:
+            return default
+        item = reply[0]
+        try:
+            if type(item) is Oversized:
+                raise self._oversized(node, key, item)
+            return self.serde.deserialize(item.key, item.data, item.flags)
+        except Exception as exc:
+            self._undecodable(node, key, exc)
+            return default
+
+    def _oversized(self, node: Node | None, key: Any, item: Oversized) -> ValueTooLargeError:
+        limit = self.options.max_item_size
+        return ValueTooLargeError(
+            f"the value of {key!r} is {item.size} bytes, over max_item_size={limit}"
+            " (raise it to match memcached's -I)", key, "" if node is None else node.node_id,
+        )  # fmt: skip
+
+    def _undecodable(self, node: Node | None, key: Any, exc: Exception) -> None:
+        """A value that could not be read: raise ``exc``, or report it (``on_error="miss"``)."""
+        if not (self.miss_on_error and isinstance(exc, SerializationError | ValueTooLargeError)):
+            raise exc
+        self.events.emit(Event("error", "" if node is None else node.node_id, str(exc), exc, key))
 
     # -- failures ---------------------------------------------------------------------------------
 
@@ -168,6 +197,10 @@ class Core:
         return hash_key, wire, owner, self.router.route(topology, owner, hash_key, wire, kind)
 
 
+# the executor's flow-less request: (node, payload, expected kind, what, key, data_block, wanted) -> reply
+Request = Callable[[Node, bytes, int, str, Any, bool, Any], Any]
+
+
 class Engine(NamedTuple):
     """A client's flows and the executor that runs them: what recipes and integrations use."""
 
@@ -194,6 +227,22 @@ def refusal(node: Node, reply: ErrorReply, what: str, key: Any) -> ShardcacheErr
 # -- reads ----------------------------------------------------------------------------------------
 
 
+def get_now(core: Core, request: Request, key: Any, default: Any) -> Any:
+    """``get`` without a flow when nothing but the owner is involved (it is ready, no window is
+    open): one request through ``request`` (the executor's). ``FLOW`` when :func:`get` must run."""
+    topology = core.membership.topology
+    hash_key, wire = core.keys.wire(key)
+    owner = topology.nodes[topology.ring.node_for(hash_key)]
+    if not owner.ready or topology.window:
+        return FLOW
+    try:
+        reply = request(owner, proto.retrieve_one(wire), Expect.VALUES, "get", key, False, wire)
+    except NodeError as err:
+        core.failed(owner, err, _READ, None)
+        return default
+    return core.value_of(owner, key, reply, default)
+
+
 def get(core: Core, key: Any, default: Any) -> Flow[Any]:
     """The value of ``key``, or ``default``; during a window a miss is warmed from the previous owner."""
     topology = core.membership.topology
@@ -205,20 +254,14 @@ def get(core: Core, key: Any, default: Any) -> Flow[Any]:
             return default
         target = decision.target
     try:
-        reply = yield Call(target, proto.retrieve((wire,)), Expect.VALUES, "get", key, False, wire)
+        reply = yield Call(target, proto.retrieve_one(wire), Expect.VALUES, "get", key, False, wire)
     except NodeError as err:
         core.failed(target, err, _READ, None)
         return default
-    if type(reply) is not list:
-        core.refused(target, reply, "get", key, _READ)
-        return default
-    if not reply:
-        if topology.window:
-            warmed = yield from warm(core, topology, [(hash_key, wire, owner)])
-            return warmed.get(wire, default)
-        return default
-    value = core.decode(target, key, reply[0])
-    return default if value is _MISSING else value
+    if reply == [] and topology.window:
+        warmed = yield from warm(core, topology, [(hash_key, wire, owner)])
+        return warmed.get(wire, default)
+    return core.value_of(target, key, reply, default)
 
 
 def gets(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
@@ -261,6 +304,35 @@ def _gets_once(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
 
 
 # -- writes ---------------------------------------------------------------------------------------
+
+
+def store_now(
+    core: Core, request: Request, command: bytes, key: Any, value: Any, expire: int, noreply: bool | None,
+    flags: int | None, kind: CallKind,
+) -> Any:  # fmt: skip
+    """:func:`store` (not ``cas``) without a flow when nothing but the owner is involved (it is
+    ready, no change is in its windows); ``FLOW`` when :func:`store` must run."""
+    topology = core.membership.topology
+    if topology.previous is not None:
+        return FLOW
+    hash_key, wire = core.keys.wire(key)
+    owner = topology.nodes[topology.ring.node_for(hash_key)]
+    if not owner.ready:
+        return FLOW
+    if noreply is None:
+        noreply = core.noreply
+    data, flags = core.encode(wire, value, flags)
+    payload = proto.store(command, wire, data, flags, expire, noreply=bool(noreply))
+    what = _WHAT[command]
+    try:
+        if noreply:
+            request(owner, payload, Expect.NOOP, what, key, False, None)
+            return True
+        reply = request(owner, payload, Expect.STATUS, what, key, True, None)
+    except NodeError as err:
+        core.failed(owner, err, kind, wire)
+        return UNAVAILABLE
+    return _stored(core, owner, command, key, kind, reply)
 
 
 def store(
@@ -307,15 +379,22 @@ def store(
     except NodeError as err:
         core.failed(target, err, kind, wire)
         return UNAVAILABLE
-    if type(reply) is ErrorReply:
-        core.refused(target, reply, what, key, kind)
-        return UNAVAILABLE
-    if target is not owner:
+    result = _stored(core, target, command, key, kind, reply)
+    if target is not owner and result is not UNAVAILABLE:
         owner.landed_elsewhere(target, wire)
+    if result is True and kind.forget_after and topology.previous is not None:
+        # a conditional write took effect: the previous owner's copy must not come back
+        yield from forget_previous(core, topology, [(hash_key, wire, owner)])
+    return result
+
+
+def _stored(core: Core, node: Node, command: bytes, key: Any, kind: CallKind, reply: Any) -> Any:
+    """What a storage command returns for ``reply`` from ``node``: True (stored), False (not
+    stored), None (cas: absent), ``UNAVAILABLE`` (an error reply, reported, if it does not raise)."""
+    if type(reply) is ErrorReply:
+        core.refused(node, reply, command.decode(), key, kind)
+        return UNAVAILABLE
     if reply == _STORED:
-        if kind.forget_after and topology.previous is not None:
-            # a conditional write took effect: the previous owner's copy must not come back
-            yield from forget_previous(core, topology, [(hash_key, wire, owner)])
         return True
     if command == b"cas" and reply == b"NOT_FOUND":
         return None

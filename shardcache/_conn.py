@@ -136,6 +136,35 @@ class Connection:
             reply = parser.next()
         return reply
 
+    def read_one(self, kind: int, data_block: bool, wanted: Any, deadline: float | None) -> Any:
+        """The reply to the one request just sent (see ``ReplyParser.expect`` for the arguments):
+        when nothing else is pending and it arrives whole (the usual case), parsed in one piece
+        (``ReplyParser.whole``); else read and parsed as it comes (:meth:`read_reply`)."""
+        parser = self.parser
+        if self.tls:  # bytes may wait in the TLS layer, where poll does not see them
+            parser.expect(kind, data_block, wanted)
+            return self.read_reply(deadline)
+        # Something may be pending before this request (the MN behind noreply commands) and even
+        # buffered: then ``whole`` declines, and the bytes are fed the usual way; either way
+        # this request's reply is still to come, so waiting for the socket is right.
+        self.wait(deadline)
+        try:
+            data = self.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError as exc:
+            raise self.failure(exc) from exc
+        if data:
+            reply = parser.whole(kind, data, wanted)
+            if reply is not None:
+                return reply
+        parser.expect(kind, data_block, wanted)
+        if data is not None:
+            if not data:
+                raise NodeUnavailableError(f"memcached node {self.node_id}: connection closed", self.node_id)
+            parser.feed(data)
+        return self.read_reply(deadline)
+
     def receive(self) -> bool:
         """Read what has arrived into the parser; False if nothing was there after all."""
         try:

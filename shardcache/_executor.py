@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 _monotonic = time.monotonic
+_QUIET = Expect.NOOP
+_OWN_DEADLINE: Any = object()  # Executor.request outside a flow: from the executor's timeout
 
 
 class Executor:
@@ -129,23 +131,47 @@ class Executor:
 
     def call(self, request: Call, deadline: float | None) -> Any:
         """Send one request to its node and return its reply (``NodeError`` on failure)."""
-        node = request.node
+        return self.request(
+            request.node, request.payload, request.kind, request.what, request.key,
+            request.data_block, request.wanted, deadline,
+        )  # fmt: skip
+
+    def request(
+        self, node: Node, payload: bytes, kind: int, what: str, key: Any = None,
+        data_block: bool = False, wanted: Any = None, deadline: Any = _OWN_DEADLINE,
+    ) -> Any:  # fmt: skip
+        """One request to one node: take a connection, send ``payload``, read the one reply it
+        expects (see ``ReplyParser.expect``), settle; the reply, ``NodeError`` on failure. Outside
+        a flow (the flow-less fast paths of single-key commands) it has a deadline of its own.
+        ``kind=Expect.NOOP``: noreply requests, as :meth:`call_quiet` (None, nothing awaited)."""
+        if deadline is _OWN_DEADLINE:
+            timeout = self._timeout
+            deadline = None if timeout is None else _monotonic() + timeout
+        if kind == _QUIET:
+            self.call_quiet(node, payload, deadline, what, key)
+            return None
         node.ops += 1
         pool = node.pool
         try:
             conn = pool.acquire(deadline)
-            conn.parser.expect(request.kind, request.data_block, request.wanted)
         except NodeError as err:
-            self.failed(node, err, request.what, request.key)
+            self.failed(node, err, what, key)
             raise
         try:
-            conn.send(request.payload, deadline)
-            reply = conn.read_reply(deadline)
+            conn.send(payload, deadline)
+            reply = conn.read_one(kind, data_block, wanted, deadline)
         except NodeError as err:
             pool.discard(conn)
-            self.failed(node, err, request.what, request.key)
+            self.failed(node, err, what, key)
             raise
-        self._settle(node, conn, reply)
+        if type(reply) is ErrorReply and reply.fatal:
+            pool.discard(conn)  # its data block may have run as commands: out of step
+        else:
+            pool.release(conn)
+        if conn.parser.swallowed:
+            self._swallowed(node, conn)
+        if node.health.failures:
+            node.report_success()
         return reply
 
     def call_quiet(
@@ -181,14 +207,6 @@ class Executor:
         if isinstance(result, NodeError):
             raise result
         return result
-
-    def _settle(self, node: Node, conn: Connection, reply: Any) -> None:
-        if type(reply) is ErrorReply and reply.fatal:
-            node.pool.discard(conn)  # its data block may have run as commands: out of step
-        else:
-            node.pool.release(conn)
-        self._swallowed(node, conn)
-        node.report_success()
 
     def _swallowed(self, node: Node, conn: Connection) -> None:
         errors = conn.parser.swallowed

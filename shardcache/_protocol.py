@@ -241,9 +241,15 @@ def store(
     """``set``/``add``/``replace``/``append``/``prepend``/``cas`` of one item; numbers are checked."""
     if type(command) is not bytes or command not in _STORE_COMMANDS:
         raise ArgumentError(f"not a storage command: {command!r}")
-    wire, data = _checked_wire(wire), _data_block(data)
-    flags = check_flags(flags)
-    expire = check_expire(expire)
+    # each check inline for the common, valid case; the check_* functions raise, naming the value
+    if type(wire) is not bytes or not 0 < len(wire) <= MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+        wire = _checked_wire(wire)
+    if type(data) is not bytes:
+        data = _data_block(data)
+    if type(flags) is not int or not 0 <= flags < _U32:
+        flags = check_flags(flags)
+    if type(expire) is not int or not _I32_MIN <= expire <= _I32_MAX:
+        expire = check_expire(expire)
     if command == b"cas":
         if cas is None:
             raise ArgumentError("cas needs a CAS unique")
@@ -255,15 +261,19 @@ def store(
     return b"%b %b %d %d %d%b\r\n%b\r\n" % (command, wire, flags, expire, len(data), tail, data)
 
 
+def retrieve_one(wire: bytes, cas: bool = False) -> bytes:
+    """``get``/``gets`` of one key: the common case, one check and one concatenation."""
+    if type(wire) is not bytes or not 0 < len(wire) <= MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+        wire = _checked_wire(wire)  # raises, naming the problem
+    return (b"gets " if cas else b"get ") + wire + b"\r\n"
+
+
 def retrieve(wires: Sequence[bytes], *, cas: bool = False, touch: int | None = None) -> bytes:
     """``get``/``gets`` of one or more keys, or ``gat``/``gats`` with a new expiry (``touch``)."""
     if not wires:
         raise ArgumentError("a retrieval needs at least one key")
-    if touch is None and len(wires) == 1:  # the common single-key get: one check, one concatenation
-        wire = wires[0]
-        if type(wire) is not bytes or not 0 < len(wire) <= MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
-            wire = _checked_wire(wire)  # raises, naming the problem
-        return (b"gets " if cas else b"get ") + wire + b"\r\n"
+    if touch is None and len(wires) == 1:
+        return retrieve_one(wires[0], cas)
     keys = b" ".join(wires) if all(type(w) is bytes for w in wires) else b""
     # one scan of the whole line instead of one per key: no control byte anywhere, and exactly the
     # separating spaces (an empty key or a key with a space changes the count); else key by key,

@@ -34,6 +34,7 @@ _VALUE_LINE: Final = re.compile(
     rb"VALUE ([^ \r\n]{1,250}) ([0-9]{1,10}) ([0-9]{1,10})(?: ([0-9]{1,20}))?\r\n"
 )
 _U64: Final = 2**64
+_new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__ (a hot path's frame)
 
 
 # -- replies ----------------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ _KINDS: Final = frozenset(v for k, v in vars(Expect).items() if k.isupper())
 NEED_DATA: Final = object()  # next() has no complete reply yet: feed more bytes
 
 _STATUS_LINES = frozenset((b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DELETED", b"TOUCHED"))
+_STATUS_REPLIES: Final = {line + b"\r\n": line for line in _STATUS_LINES}
 _META_STATUSES = frozenset((b"HD", b"EN", b"NF", b"NS", b"EX", b"MN"))
 
 
@@ -179,6 +181,42 @@ class ReplyParser:
             del buf[:pos]
             self._pos, self._scan = 0, max(self._scan - pos, 0)
         buf += data
+
+    def whole(self, kind: int, data: bytes, wanted: Any) -> Any:
+        """The reply to a single request (``kind``, ``wanted`` as for :meth:`expect`) when it
+        arrived whole in ``data`` and nothing else is pending or buffered: parsed at once, without
+        ``expect``/``feed``/``next``. Only a status line, or a one-key get/gets reply; None
+        (nothing consumed, the parser untouched) for anything else: the caller then expects and
+        feeds the usual way, whose checks read or refuse it."""
+        if self._expect or self._pos < len(self._buf) or self._ready is not None or self._need or self._skip:
+            return None
+        if kind == Expect.STATUS:
+            return _STATUS_REPLIES.get(data)
+        if type(wanted) is not bytes or kind not in (Expect.VALUES, Expect.CAS_VALUES):
+            return None
+        if data == b"END\r\n":
+            return []
+        if not (data.endswith(b"\r\nEND\r\n") and data.startswith(b"VALUE ")):
+            return None
+        head = data.find(b"\r\n")
+        parts = data[6:head].split(b" ")
+        with_cas = kind == Expect.CAS_VALUES
+        if len(parts) != (4 if with_cas else 3) or parts[0] != wanted:
+            return None
+        flags, size = parts[1], parts[2]
+        # at most 10 digits each: below 2**32, and never a huge int to parse
+        if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):
+            return None
+        number, length, start = int(flags), int(size), head + 2
+        if number >= _U32 or length > self._max_value or start + length + 7 != len(data):
+            return None
+        cas = None
+        if with_cas:
+            token = parts[3]
+            if not (token.isdigit() and len(token) <= 20) or int(token) >= _U64:
+                return None
+            cas = int(token)
+        return [_new_tuple(Value, (wanted, number, data[start : start + length], cas))]
 
     # -- parsing --------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ R = TypeVar("R")
 Key = str | bytes
 
 _MISSING: Final = object()
+_REPLACE: Final = CallKind.REPLACING_WRITE
 
 
 class Client:
@@ -113,7 +114,7 @@ class Client:
             opts, ring, gutter_ring, events=events, settings=settings, run=executor.run
         )
         self._core = Core(opts, self._membership, router, events)
-        self._run = executor.run
+        self._run, self._request = executor.run, executor.request  # flows; flow-less fast paths
         self._engine = Engine(self._core, executor.run)
         self._reconfigure = threading.Lock()
         self._poller: Poller | None = None
@@ -130,14 +131,18 @@ class Client:
 
     def get(self, key: Key, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if it is not cached."""
-        return self._run(cmd.get(self._core, key, default))
+        value = cmd.get_now(self._core, self._request, key, default)
+        return self._run(cmd.get(self._core, key, default)) if value is cmd.FLOW else value
 
     def set(
         self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None
     ) -> bool:
         """Store ``value`` under ``key`` for ``expire`` seconds (0: no expiry; negative: expired at
         once). True if stored."""
-        return self._store(b"set", key, value, expire, noreply, flags, CallKind.REPLACING_WRITE)
+        done = cmd.store_now(self._core, self._request, b"set", key, value, expire, noreply, flags, _REPLACE)
+        if done is cmd.FLOW:  # the key's node is away, or a ring change is in its windows
+            done = self._run(cmd.store(self._core, b"set", key, value, expire, noreply, flags, _REPLACE))
+        return done is True
 
     def add(
         self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None
@@ -167,7 +172,9 @@ class Client:
         self, command: bytes, key: Key, value: Any, expire: int, noreply: bool | None, flags: int | None,
         kind: CallKind = CallKind.WRITE,
     ) -> bool:  # fmt: skip
-        result = self._run(cmd.store(self._core, command, key, value, expire, noreply, flags, kind))
+        result = cmd.store_now(self._core, self._request, command, key, value, expire, noreply, flags, kind)
+        if result is cmd.FLOW:
+            result = self._run(cmd.store(self._core, command, key, value, expire, noreply, flags, kind))
         return result is True
 
     def gets(self, key: Key, default: Any = None, cas_default: Any = None) -> tuple[Any, Any]:
@@ -394,7 +401,7 @@ class Client:
         window = _window("warmup_s", warmup_s)
         with self._reconfigure:
             ring = self._membership.topology.ring.with_node(spec)
-            self._check_not_gutter(ring)
+            _check_not_gutter(self._membership, ring)
             self._membership.change(ring, window)
 
     def remove_node(self, node_id: str, *, drain_s: float = 0.0) -> None:
@@ -418,15 +425,8 @@ class Client:
             ring = Ring(servers, hashing=current.hashing, ketama_naming=current.ketama_naming)
             if ring.specs == current.specs:
                 return [], []
-            self._check_not_gutter(ring)
+            _check_not_gutter(self._membership, ring)
             return self._membership.change(ring, window)
-
-    def _check_not_gutter(self, ring: Ring) -> None:
-        gutter = self._membership.topology.gutter_ring
-        if gutter is not None:
-            shared = [node_id for node_id in ring.nodes if node_id in gutter]
-            if shared:
-                raise ConfigurationError(f"node {shared[0]!r} is a gutter server; it cannot join the ring")
 
     # -- lifecycle and mapping protocol -----------------------------------------------------------
 
@@ -463,6 +463,14 @@ class Client:
 
     def __repr__(self) -> str:
         return f"shardcache.Client({list(self.nodes)!r}, hashing={self.ring.hashing!r})"
+
+
+def _check_not_gutter(membership: Membership, ring: Ring) -> None:
+    gutter = membership.topology.gutter_ring
+    if gutter is not None:
+        shared = [node_id for node_id in ring.nodes if node_id in gutter]
+        if shared:
+            raise ConfigurationError(f"node {shared[0]!r} is a gutter server; it cannot join the ring")
 
 
 def _window(name: str, value: object) -> float:
