@@ -18,7 +18,7 @@ from shardcache import _protocol as proto
 from shardcache._commands import _MISSING, CasToken, Core, refusal
 from shardcache._events import report_failure
 from shardcache._flows import Each, Fanout, Flow, Job
-from shardcache._protocol import ErrorReply, Expect
+from shardcache._protocol import ErrorReply, Expect, Value
 from shardcache._router import CallKind
 from shardcache._topology import Node
 from shardcache._warmup import forget_previous, warm
@@ -43,13 +43,7 @@ def hashed_keys(core: Core, keys: Any, what: str) -> Hashed:
     """Validate ``keys`` (an iterable of keys, not a single key) before anything is sent."""
     if isinstance(keys, str | bytes | bytearray | memoryview) or not isinstance(keys, Iterable):
         raise ArgumentError(f"{what} takes an iterable of keys, got {type(keys).__name__}: {keys!r:.80}")
-    wire_of = core.keys.wire
-    out: Hashed = []
-    for given in keys:
-        # a result dict needs a hashable key
-        key = bytes(given) if isinstance(given, bytearray | memoryview) else given
-        out.append((key, *wire_of(key)))
-    return out
+    return core.keys.wire_many(keys)
 
 
 def _owners(core: Core, hashed: Hashed) -> list[tuple[bytes, bytes, Node]]:
@@ -91,6 +85,7 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
         )
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}
+    deserialize = core.serde.deserialize
     for node_id, result in results.items():
         if isinstance(result, NodeError):
             continue
@@ -101,9 +96,14 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
                 continue
             for item in reply:
                 key = group[item.key]
-                value = core.decode(node, key, item)
+                try:  # Core.decode, written in for the common case
+                    value = deserialize(item.key, item.data, item.flags) if type(item) is Value else _MISSING
+                except Exception:
+                    value = _MISSING
                 if value is _MISSING:
-                    continue
+                    value = core.decode(node, key, item)  # raises, or reports and misses
+                    if value is _MISSING:
+                        continue
                 found[key] = (value, CasToken(b"%d" % item.cas, node_id)) if with_cas else value
     _settle(core, results, plan.down, reading=True)
     if topology.window and not with_cas and len(found) < len(hashed):

@@ -45,6 +45,7 @@ _MISSING: Final = object()
 _READ, _WRITE, _REPLACE = CallKind.READ, CallKind.WRITE, CallKind.REPLACING_WRITE
 _PINNED, _PINNED_READ = CallKind.PINNED, CallKind.PINNED_READ
 _STORED: Final = b"STORED"
+_VALUES, _STATUS, _NOOP = Expect.VALUES, Expect.STATUS, Expect.NOOP  # hot paths: no class lookup
 _MAX_FLAGS: Final = 2**32 - 1
 _WHAT: Final = {name: name.decode() for name in (b"set", b"add", b"replace", b"append", b"prepend")}
 _CREATE_ATTEMPTS: Final = 8
@@ -236,7 +237,7 @@ def get_now(core: Core, request: Request, key: Any, default: Any) -> Any:
     if not owner.ready or topology.window:
         return FLOW
     try:
-        reply = request(owner, proto.retrieve_one(wire), Expect.VALUES, "get", key, False, wire)
+        reply = request(owner, proto.retrieve_one(wire), _VALUES, "get", key, False, wire)
     except NodeError as err:
         core.failed(owner, err, _READ, None)
         return default
@@ -326,9 +327,9 @@ def store_now(
     what = _WHAT[command]
     try:
         if noreply:
-            request(owner, payload, Expect.NOOP, what, key, False, None)
+            request(owner, payload, _NOOP, what, key, False, None)
             return True
-        reply = request(owner, payload, Expect.STATUS, what, key, True, None)
+        reply = request(owner, payload, _STATUS, what, key, True, None)
     except NodeError as err:
         core.failed(owner, err, kind, wire)
         return UNAVAILABLE

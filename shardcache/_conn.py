@@ -146,8 +146,20 @@ class Connection:
             return self.read_reply(deadline)
         # Something may be pending before this request (the MN behind noreply commands) and even
         # buffered: then ``whole`` declines, and the bytes are fed the usual way; either way
-        # this request's reply is still to come, so waiting for the socket is right.
-        self.wait(deadline)
+        # this request's reply is still to come, so waiting for the socket is right. (``wait``,
+        # written in: one frame less on the hot path.)
+        if self._pollout:
+            self._poll.modify(self.sock.fileno(), _POLLIN)
+            self._pollout = False
+        if deadline is None:
+            timeout_ms = None
+        else:
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise self.timed_out()
+            timeout_ms = int(left * 1000) + 1
+        if not self._poll.poll(timeout_ms):
+            raise self.timed_out()
         try:
             data = self.sock.recv(_RECV)
         except (BlockingIOError, InterruptedError):

@@ -327,8 +327,7 @@ class _Pending:
         self.view = memoryview(payload)
         self.count = len(expects)
         self.replies: list[Any] = []
-        for expect in expects:
-            conn.parser.expect(*expect)
+        conn.parser.expect_many(expects)
         if not expects:  # noreply requests: an mn keeps the connection in step, read by its next user
             conn.parser.expect(Expect.NOOP)
             self.view = memoryview(payload + NOOP)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from shardcache._replies import (
     DEFAULT_MAX_VALUE,
@@ -91,6 +91,7 @@ _I32_MIN: Final = -(2**31)
 _I32_MAX: Final = 2**31 - 1
 _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]").search
 _BAD_NON_SPACE = re.compile(rb"[\x00-\x1f\x7f]").search
+_ONLY_BYTES: Final = {bytes}
 _STAT_TOKEN = re.compile(rb"[\x21-\x7e]+").fullmatch
 
 NOOP: Final = b"mn\r\n"
@@ -142,6 +143,23 @@ class KeyCodec:
         if not raw or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
             raise KeyValidationError(_key_problem(key, raw, wire))
         return (wire if self._hash_prefix else raw), wire
+
+    def wire_many(self, keys: Iterable[Any]) -> list[tuple[Any, bytes, bytes]]:
+        """``(key, hashed key, wire key)`` of each key, checked as :meth:`wire` does, in one call
+        (the loop of a batch); a bytearray or memoryview key becomes bytes (a dict key)."""
+        prefix, hash_prefix, out = self.prefix, self._hash_prefix, []
+        key: Any
+        for given in keys:
+            if type(given) is str and given.isascii():
+                key, raw = given, given.encode("ascii")
+            else:
+                key = bytes(given) if isinstance(given, bytearray | memoryview) else given
+                raw = self.raw(key)
+            wire = prefix + raw if prefix else raw
+            if not raw or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+                raise KeyValidationError(_key_problem(key, raw, wire))
+            out.append((key, wire if hash_prefix else raw, wire))
+        return out
 
     def unprefixed(self, wire: bytes) -> bytes:
         """The hashed form of a wire key read back from a server (``lru_crawler metadump``)."""
@@ -274,16 +292,21 @@ def retrieve(wires: Sequence[bytes], *, cas: bool = False, touch: int | None = N
         raise ArgumentError("a retrieval needs at least one key")
     if touch is None and len(wires) == 1:
         return retrieve_one(wires[0], cas)
-    keys = b" ".join(wires) if all(type(w) is bytes for w in wires) else b""
-    # one scan of the whole line instead of one per key: no control byte anywhere, and exactly the
-    # separating spaces (an empty key or a key with a space changes the count); else key by key,
-    # which names the bad one
-    if (
-        not keys
-        or _BAD_NON_SPACE(keys)
-        or keys.count(b" ") != len(wires) - 1
-        or not all(0 < len(w) <= MAX_KEY_LENGTH for w in wires)
-    ):
+    # One scan of the whole line instead of one per key: only bytes, no control byte anywhere,
+    # exactly the separating spaces (an empty key or a key with a space changes the count), every
+    # length in range (map, min and max loop in C); else key by key, which names the bad one.
+    try:
+        keys = b" ".join(wires)
+        well_formed = (
+            set(map(type, wires)) == _ONLY_BYTES
+            and min(map(len, wires)) > 0
+            and max(map(len, wires)) <= MAX_KEY_LENGTH
+            and keys.count(b" ") == len(wires) - 1
+            and not _BAD_NON_SPACE(keys)
+        )
+    except TypeError:
+        well_formed = False
+    if not well_formed:
         keys = b" ".join([_checked_wire(wire) for wire in wires])
     if touch is None:
         return (b"gets " if cas else b"get ") + keys + b"\r\n"

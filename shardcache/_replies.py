@@ -6,9 +6,8 @@ parsing each fit in one module; see that module's docstring for the safety rules
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, NamedTuple
 
 from shardcache.errors import ArgumentError, ProtocolError
@@ -30,9 +29,6 @@ DEFAULT_MAX_VALUE: Final = 1024 * 1024  # memcached's default item size limit (-
 _HARD_MAX_VALUE: Final = 1024 * 1024 * 1024  # memcached refuses -I over 1 GiB: a larger length is garbage
 _U32: Final = 2**32
 # The header of a value as memcached sends it, for the fast path (anything else takes the slow one)
-_VALUE_LINE: Final = re.compile(
-    rb"VALUE ([^ \r\n]{1,250}) ([0-9]{1,10}) ([0-9]{1,10})(?: ([0-9]{1,20}))?\r\n"
-)
 _U64: Final = 2**64
 _new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__ (a hot path's frame)
 
@@ -92,6 +88,7 @@ class Expect:
     CAS_VALUES: Final = 8  # gets/gats: as VALUES, and an item without its CAS is a ProtocolError
 
 
+_VALUES, _STATUS, _CAS_VALUES = Expect.VALUES, Expect.STATUS, Expect.CAS_VALUES  # hot paths: no class lookup
 _KINDS: Final = frozenset(v for k, v in vars(Expect).items() if k.isupper())
 NEED_DATA: Final = object()  # next() has no complete reply yet: feed more bytes
 
@@ -144,6 +141,14 @@ class ReplyParser:
             raise ArgumentError(f"not an Expect kind: {kind!r}")
         self._expect.append((kind, data_block, wanted))
 
+    def expect_many(self, expects: Iterable[tuple[int, bool] | tuple[int, bool, Any]]) -> None:
+        """:meth:`expect` for each of ``expects`` (``(kind, data_block[, wanted])``), in order."""
+        added = [(e[0], e[1], e[2] if len(e) > 2 else None) for e in expects]
+        if not _KINDS.issuperset(kind for kind, _, _ in added):
+            bad = next(kind for kind, _, _ in added if kind not in _KINDS)
+            raise ArgumentError(f"not an Expect kind: {bad!r}")
+        self._expect.extend(added)
+
     @property
     def buffered(self) -> bool:
         """True if anything received is not consumed yet (a reply may be complete without reading)."""
@@ -190,9 +195,9 @@ class ReplyParser:
         feeds the usual way, whose checks read or refuse it."""
         if self._expect or self._pos < len(self._buf) or self._ready is not None or self._need or self._skip:
             return None
-        if kind == Expect.STATUS:
+        if kind == _STATUS:
             return _STATUS_REPLIES.get(data)
-        if type(wanted) is not bytes or kind not in (Expect.VALUES, Expect.CAS_VALUES):
+        if type(wanted) is not bytes or kind not in (_VALUES, _CAS_VALUES):
             return None
         if data == b"END\r\n":
             return []
@@ -200,7 +205,7 @@ class ReplyParser:
             return None
         head = data.find(b"\r\n")
         parts = data[6:head].split(b" ")
-        with_cas = kind == Expect.CAS_VALUES
+        with_cas = kind == _CAS_VALUES
         if len(parts) != (4 if with_cas else 3) or parts[0] != wanted:
             return None
         flags, size = parts[1], parts[2]
@@ -234,6 +239,15 @@ class ReplyParser:
                     raise self._error(f"unexpected bytes {bytes(self._buf[self._pos : self._pos + 40])!r}")
                 return NEED_DATA
             kind, data_block, wanted = self._expect[0]
+            if kind == _STATUS:  # the common status lines without _line/_simple (set_many's replies)
+                buf, pos = self._buf, self._pos
+                end = buf.find(b"\r\n", pos)
+                if 0 < end - pos <= 10:
+                    status = bytes(buf[pos:end])
+                    if status in _STATUS_LINES:
+                        self._pos = self._scan = end + 2
+                        self._expect.popleft()
+                        return status
             if kind == Expect.VALUES and not self._items and self._buf.endswith(b"END\r\n"):
                 # a whole get reply, most likely: the fast path, without _values' line-by-line loop
                 reply = self._whole_values(wanted, False)
@@ -338,36 +352,28 @@ class ReplyParser:
         None (nothing consumed) for anything else, which the line-by-line path then reads or
         refuses with its own checks."""
         buf, pos = self._buf, self._pos
-        end = len(buf)
-        match = _VALUE_LINE.match
-        items: list[Value] = []
-        one = type(wanted) is bytes
-        while True:
-            if buf.startswith(b"END\r\n", pos):
-                self._pos = self._scan = pos + 5
-                return items
-            found = match(buf, pos)
+        if buf.startswith(b"END\r\n", pos):
+            items: list[Value] = []
+            pos += 5
+        else:
+            # The reply as bytes (slices of bytes are one copy, of a bytearray two): up to the first
+            # CRLF END CRLF. If a value holds those bytes the copy is cut short inside it, and the
+            # parse below declines (the line-by-line path reads it).
+            last = buf.find(b"\r\nEND\r\n", pos)
+            if last < 0:
+                return None
+            with memoryview(buf) as view:  # released before buf.clear()
+                data = bytes(view[pos : last + 7])
+            found = _parse_values(data, wanted, with_cas, self._max_value)
             if found is None:
                 return None
-            key = bytes(found[1])
-            flags, size = int(found[2]), int(found[3])
-            cas = found[4]
-            stop = found.end() + size
-            if (
-                stop + 2 > end
-                or size > self._max_value
-                or flags >= _U32
-                or (cas is None and with_cas)
-                or buf[stop : stop + 2] != b"\r\n"
-                or (wanted is not None and key != wanted and (one or key not in wanted))
-                or (one and items)
-            ):
-                return None
-            number = None if cas is None else int(cas)
-            if number is not None and number >= _U64:
-                return None
-            items.append(Value(key, flags, bytes(buf[found.end() : stop]), number))
-            pos = stop + 2
+            items = found
+            pos += len(data)
+        if pos == len(buf):  # all consumed: start afresh (an old END must not look whole)
+            buf.clear()
+            pos = 0
+        self._pos = self._scan = pos
+        return items
 
     def _value_header(
         self, line: bytes, parts: list[bytes], with_cas: bool
@@ -485,3 +491,40 @@ def _number(token: bytes) -> int | None:
 
 def _meta_flags(tokens: Sequence[bytes]) -> dict[bytes, bytes]:
     return {token[:1]: token[1:] for token in tokens if token}
+
+
+def _parse_values(data: bytes, wanted: Any, with_cas: bool, size_limit: int) -> list[Value] | None:
+    """The items of a whole get/gets reply ``data`` (ending with its END line), or None if it is
+    anything else (``ReplyParser._whole_values``)."""
+    find, fields, one, pos = data.find, 5 if with_cas else 4, type(wanted) is bytes, 0
+    items: list[Value] = []
+    while True:
+        head = find(b"\r\n", pos)
+        parts = data[pos:head].split(b" ")
+        if len(parts) != fields or parts[0] != b"VALUE":
+            return items if parts == [b"END"] and head + 2 == len(data) else None
+        key, flags, size = parts[1], parts[2], parts[3]
+        # at most 10 digits each: below 2**32, and never a huge int to parse
+        if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):
+            return None
+        length, number, start = int(size), int(flags), head + 2
+        stop = start + length
+        if (
+            number >= _U32
+            or length > size_limit
+            or data[stop : stop + 2] != b"\r\n"
+            or (
+                (key not in wanted if not one else (key != wanted or items))
+                if wanted is not None
+                else not 0 < len(key) <= 250
+            )
+        ):
+            return None
+        cas = None
+        if with_cas:
+            token = parts[4]
+            if not (token.isdigit() and len(token) <= 20) or int(token) >= _U64:
+                return None
+            cas = int(token)
+        items.append(_new_tuple(Value, (key, number, data[start:stop], cas)))
+        pos = stop + 2

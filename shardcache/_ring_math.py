@@ -4,7 +4,8 @@ Each node contributes one point per stratum (of 2**32 / POINTS_PER_WEIGHT) per u
 point is packed with its node's rank (position by name) so that sorting orders by point, then by
 name. The smallest packed value in each occupied slot decides the owner of that slot and of the
 empty slots just before it. The pure-Python and numpy builds compute the same table; numpy, when
-installed (``pip install 'shardcache[fast]'``), makes building a 1000-node ring ~10x faster, and
+installed (``pip install 'shardcache[fast]'``), makes building a 1000-node ring ~10x faster (rings
+of up to 8 nodes of weight 1 are built without it), and
 ``share``/``diff`` of mmh3 rings (which count all 2**20 slots) ~10x faster too.
 
 Pure functions over arrays and bytes; ``shardcache.ring`` owns the meaning (which node is which
@@ -30,6 +31,9 @@ SLOT_SHIFT = 32 - SLOT_BITS
 _STRATUM = (1 << 32) // POINTS_PER_WEIGHT
 
 _use_numpy = True  # tests switch it off to compare both paths
+# A small ring builds in pure Python (~15 ms for 4 nodes): importing numpy costs more (~90 ms, and
+# OpenBLAS starts its threads, which spin for a while on a 2-core machine's CPU).
+_NUMPY_FROM_POINTS = 8 * POINTS_PER_WEIGHT
 _MAX_FLOW_BINS = 1 << 20  # above this many (owner_a, owner_b) pairs, sort instead of counting in bins
 
 # A slot table of ranks, and the node id of each rank (a string: array is not subscriptable before 3.12).
@@ -64,7 +68,8 @@ def slot_runs(
     Slot ``occupied[i - 1] + 1`` (0 for the first) starts a run owned by rank ``owners[i]``;
     ``table[slot]`` is the rank that owns ``slot``.
     """
-    build = _slot_runs_numpy if numpy_available() else _slot_runs_python
+    points = sum(len(stream) for stream in streams) // 4
+    build = _slot_runs_numpy if points > _NUMPY_FROM_POINTS and numpy_available() else _slot_runs_python
     return build(streams, rank_bits, typecode)
 
 

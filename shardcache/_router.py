@@ -183,13 +183,14 @@ class Router:
     ) -> Plan:
         """Route validated keys ``(key, hashed key, wire)`` and group them by target."""
         nodes = topology.nodes
-        node_for = topology.ring.node_for
+        hashed = list(hashed)
+        owner_ids = topology.ring.nodes_for([hash_key for _, hash_key, _ in hashed])
         targets: dict[str, Node] = {}
         groups: dict[str, dict[bytes, Any]] = {}
         moved: set[bytes] = set()
         down: dict[str, NodeUnavailableError] = {}
-        for key, hash_key, wire in hashed:
-            owner = nodes[node_for(hash_key)]
+        for (key, hash_key, wire), owner_id in zip(hashed, owner_ids, strict=True):
+            owner = nodes[owner_id]
             target = owner
             if not owner.ready:
                 decision = self.route(topology, owner, hash_key, wire, kind)

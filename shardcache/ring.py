@@ -254,6 +254,16 @@ class Ring:
         except (TypeError, ValueError):
             raise _key_error(key) from None
 
+    def nodes_for(self, keys: Iterable[bytes]) -> list[str]:
+        """``node_for`` of each of ``keys`` (bytes, as hashed), in one call: the loop of a batch."""
+        if type(self) is not Ring:  # ketama: its own node_for
+            return [self.node_for(key) for key in keys]
+        ids, table = self._ids, self._table
+        try:
+            return [ids[table[_mmh3_hash(key, 0, False) >> SLOT_SHIFT]] for key in keys]
+        except (TypeError, ValueError):
+            return [self.node_for(key) for key in keys]  # raises, naming the key
+
     def preference_list(self, key: Key, n: int) -> tuple[str, ...]:
         """The owner of ``key`` then the next distinct nodes clockwise: at most ``n`` node ids."""
         if n <= 0:
