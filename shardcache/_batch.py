@@ -19,7 +19,7 @@ from shardcache._commands import _MISSING, CasToken, Core, refusal
 from shardcache._events import report_failure
 from shardcache._flows import Each, Fanout, Flow, Job
 from shardcache._protocol import ErrorReply, Expect, Value
-from shardcache._router import CallKind
+from shardcache._router import CallKind, Plan
 from shardcache._topology import Node
 from shardcache._warmup import forget_previous, warm
 from shardcache.errors import (
@@ -142,8 +142,11 @@ def set_many(
     capped = core.router.capped_ttl(expire)
     hashed = hashed_keys(core, (key for key, _ in items), "set_many")
     encoded: dict[bytes, tuple[bytes, int]] = {}
+    commands: dict[bytes, bytes] = {}  # with the key's own expire (a stand-in's is capped below)
+    encode, store = core.encode, proto.store
     for (_, _, wire), (_, value) in zip(hashed, items, strict=True):
-        encoded[wire] = core.encode(wire, value, flags)
+        data, item_flags = encoded[wire] = encode(wire, value, flags)
+        commands[wire] = store(b"set", wire, data, item_flags, expire, noreply=noreply)
     topology = core.topology
     if topology.previous is not None:  # in a window the previous owners' copies go first
         yield from forget_previous(core, topology, _owners(core, hashed))
@@ -151,15 +154,37 @@ def set_many(
     plan = core.router.plan(topology, hashed, kind, "set_many")
     jobs: dict[str, tuple[Node, Job]] = {}
     for node_id, group in plan.groups.items():
+        moved = plan.moved
         payload = b"".join(
-            proto.store(b"set", w, *encoded[w], capped if w in plan.moved else expire, noreply=noreply)
-            for w in group
+            [
+                commands[w]
+                if w not in moved
+                else proto.store(b"set", w, *encoded[w], capped, noreply=noreply)
+                for w in group
+            ]
         )
         jobs[node_id] = (
             plan.targets[node_id],
             (payload, [] if noreply else [(Expect.STATUS, True)] * len(group)),
         )
     results = (yield Fanout(jobs, "set_many")) if jobs else {}
+    stored, too_large = _stored(core, plan, results, noreply)
+    failed = [key for key, _, wire in hashed if wire not in stored]
+    _settle(core, results, plan.down, reading=False)
+    if too_large:  # raised after the others are stored, naming the first key and every failure
+        key, err = too_large[0]
+        others = [k for k, _ in too_large[1:]]
+        more = f" (and {len(others)} more: {others!r:.200})" if others else ""
+        raise ValueTooLargeError(f"{err}{more}", key, err.node_id, failed)
+    return failed
+
+
+def _stored(
+    core: Core, plan: Plan, results: Mapping[str, list[Any] | NodeError], noreply: bool
+) -> tuple[set[bytes], list[tuple[Any, ValueTooLargeError]]]:
+    """set_many's replies: the wire keys stored, and the items refused as too large (the
+    caller's data, raised last); other refusals are reported (and raised unless they are misses);
+    a node that failed has all its keys fenced (they may or may not have been written)."""
     stored: set[bytes] = set()
     too_large: list[tuple[Any, ValueTooLargeError]] = []
     for node_id, result in results.items():
@@ -183,14 +208,7 @@ def set_many(
                 report_failure(core.events, node, err, "", key)
                 if not core.swallowed(err, reading=False):
                     raise err
-    failed = [key for key, _, wire in hashed if wire not in stored]
-    _settle(core, results, plan.down, reading=False)
-    if too_large:  # raised after the others are stored, naming the first key and every failure
-        key, err = too_large[0]
-        others = [k for k, _ in too_large[1:]]
-        more = f" (and {len(others)} more: {others!r:.200})" if others else ""
-        raise ValueTooLargeError(f"{err}{more}", key, err.node_id, failed)
-    return failed
+    return stored, too_large
 
 
 def delete_many(core: Core, keys: Any, noreply: bool | None) -> Flow[bool]:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from shardcache._conn import Connection, ConnectionSettings, connect
 from shardcache._events import Events, report_failure
 from shardcache._flows import Call, Compute, Each, Fanout, Flow, Job, Probe, Quiet, Sleep
-from shardcache._protocol import NEED_DATA, NOOP, ErrorReply, Expect, version
+from shardcache._protocol import NOOP, ErrorReply, Expect, version
 from shardcache._topology import Node
 from shardcache.errors import NodeError
 from shardcache.health import Event
@@ -355,9 +355,6 @@ class _Pending:
                     break
 
     def _drain(self) -> None:
-        parser = self.conn.parser
-        while len(self.replies) < self.count:
-            reply = parser.next()
-            if reply is NEED_DATA:
-                return
-            self.replies.append(reply)
+        missing = self.count - len(self.replies)
+        if missing:
+            self.replies.extend(self.conn.parser.next_many(missing))

@@ -239,15 +239,6 @@ class ReplyParser:
                     raise self._error(f"unexpected bytes {bytes(self._buf[self._pos : self._pos + 40])!r}")
                 return NEED_DATA
             kind, data_block, wanted = self._expect[0]
-            if kind == _STATUS:  # the common status lines without _line/_simple (set_many's replies)
-                buf, pos = self._buf, self._pos
-                end = buf.find(b"\r\n", pos)
-                if 0 < end - pos <= 10:
-                    status = bytes(buf[pos:end])
-                    if status in _STATUS_LINES:
-                        self._pos = self._scan = end + 2
-                        self._expect.popleft()
-                        return status
             if kind == Expect.VALUES and not self._items and self._buf.endswith(b"END\r\n"):
                 # a whole get reply, most likely: the fast path, without _values' line-by-line loop
                 reply = self._whole_values(wanted, False)
@@ -267,6 +258,32 @@ class ReplyParser:
                 continue
             self._expect.popleft()
             return reply
+
+    def next_many(self, limit: int) -> list[Any]:
+        """Up to ``limit`` complete replies, fewer if the rest has not arrived: :meth:`next` in a
+        loop, with the usual status lines (the replies of a pipelined ``set_many``) read in place."""
+        out: list[Any] = []
+        expect, buf = self._expect, self._buf
+        while len(out) < limit:
+            if (
+                expect
+                and expect[0][0] == _STATUS
+                and not (self._need or self._skip or self._ready is not None)
+            ):
+                pos = self._pos
+                end = buf.find(b"\r\n", pos)
+                if 0 < end - pos <= 10:  # the longest status line, NOT_STORED, has 10 bytes
+                    status = bytes(buf[pos:end])
+                    if status in _STATUS_LINES:
+                        self._pos = self._scan = end + 2
+                        expect.popleft()
+                        out.append(status)
+                        continue
+            reply = self.next()
+            if reply is NEED_DATA:
+                break
+            out.append(reply)
+        return out
 
     def _line(self) -> bytes | None:
         buf = self._buf
