@@ -95,9 +95,13 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
                 core.refused(node, reply, what, None, CallKind.READ)
                 continue
             for item in reply:
-                key = group[item.key]
+                key = group[item[0]]
                 try:  # Core.decode, written in for the common case
-                    value = deserialize(item.key, item.data, item.flags) if type(item) is Value else _MISSING
+                    if type(item) is Value:
+                        wire, flags, data, _ = item
+                        value = deserialize(wire, data, flags)
+                    else:
+                        value = _MISSING
                 except Exception:
                     value = _MISSING
                 if value is _MISSING:

@@ -284,7 +284,8 @@ class Executor:
 
     def _finish(self, pending: _Pending, results: dict[str, list[Any] | NodeError]) -> None:
         node, conn = pending.node, pending.conn
-        if any(type(r) is ErrorReply and r.fatal for r in pending.replies):
+        replies = pending.replies
+        if ErrorReply in set(map(type, replies)) and any(type(r) is ErrorReply and r.fatal for r in replies):
             node.pool.discard(conn)
         else:
             node.pool.release(conn)
@@ -335,7 +336,8 @@ class _Pending:
     def start(self) -> None:
         sent = self.conn.send_some(self.view)
         self.view = self.view[sent:]
-        self._drain()  # replies already buffered from an earlier noreply's mn, if any
+        if self.conn.parser.buffered:
+            self._drain()  # replies already buffered from an earlier noreply's mn, if any
 
     def events(self) -> int:
         return _POLLIN | select.POLLOUT if self.view else _POLLIN

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 from shardcache.errors import ArgumentError, ProtocolError
@@ -30,6 +32,8 @@ _HARD_MAX_VALUE: Final = 1024 * 1024 * 1024  # memcached refuses -I over 1 GiB: 
 _U32: Final = 2**32
 # The header of a value as memcached sends it, for the fast path (anything else takes the slow one)
 _U64: Final = 2**64
+_first, _second = itemgetter(0), itemgetter(1)
+_COPY_WHOLE_BUFFER: Final = 256 * 1024  # a whole get reply is parsed from one copy of the buffer up to this
 _new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__ (a hot path's frame)
 
 
@@ -143,11 +147,15 @@ class ReplyParser:
 
     def expect_many(self, expects: Iterable[tuple[int, bool] | tuple[int, bool, Any]]) -> None:
         """:meth:`expect` for each of ``expects`` (``(kind, data_block[, wanted])``), in order."""
-        added = [(e[0], e[1], e[2] if len(e) > 2 else None) for e in expects]
-        if not _KINDS.issuperset(kind for kind, _, _ in added):
-            bad = next(kind for kind, _, _ in added if kind not in _KINDS)
+        expects = list(expects)
+        if not _KINDS.issuperset(map(_first, expects)):
+            bad = next(e[0] for e in expects if e[0] not in _KINDS)
             raise ArgumentError(f"not an Expect kind: {bad!r}")
-        self._expect.extend(added)
+        sizes = set(map(len, expects))
+        if sizes == {2}:  # (kind, data_block): the usual pipeline; zip and map loop in C
+            self._expect.extend(zip(map(_first, expects), map(_second, expects), repeat(None)))
+        else:
+            self._expect.extend((e[0], e[1], e[2] if len(e) > 2 else None) for e in expects)
 
     @property
     def buffered(self) -> bool:
@@ -373,19 +381,23 @@ class ReplyParser:
             items: list[Value] = []
             pos += 5
         else:
-            # The reply as bytes (slices of bytes are one copy, of a bytearray two): up to the first
-            # CRLF END CRLF. If a value holds those bytes the copy is cut short inside it, and the
-            # parse below declines (the line-by-line path reads it).
-            last = buf.find(b"\r\nEND\r\n", pos)
-            if last < 0:
-                return None
+            # The reply as bytes (slices of bytes are one copy, of a bytearray two): what is
+            # buffered, or with a lot buffered (many pipelined replies) up to the first CRLF END
+            # CRLF, so each reply is not copied again with all the ones after it. If a value holds
+            # those bytes the copy is cut short inside it, and the parse declines (the line-by-line
+            # path reads it).
+            stop = len(buf)
+            if stop - pos > _COPY_WHOLE_BUFFER:
+                stop = buf.find(b"\r\nEND\r\n", pos) + 7
+                if stop < 7:
+                    return None
             with memoryview(buf) as view:  # released before buf.clear()
-                data = bytes(view[pos : last + 7])
+                data = bytes(view[pos:stop])
             found = _parse_values(data, wanted, with_cas, self._max_value)
             if found is None:
                 return None
-            items = found
-            pos += len(data)
+            items, used = found
+            pos += used
         if pos == len(buf):  # all consumed: start afresh (an old END must not look whole)
             buf.clear()
             pos = 0
@@ -510,16 +522,20 @@ def _meta_flags(tokens: Sequence[bytes]) -> dict[bytes, bytes]:
     return {token[:1]: token[1:] for token in tokens if token}
 
 
-def _parse_values(data: bytes, wanted: Any, with_cas: bool, size_limit: int) -> list[Value] | None:
-    """The items of a whole get/gets reply ``data`` (ending with its END line), or None if it is
-    anything else (``ReplyParser._whole_values``)."""
+def _parse_values(
+    data: bytes, wanted: Any, with_cas: bool, size_limit: int
+) -> tuple[list[Value], int] | None:
+    """The items of the whole get/gets reply at the start of ``data`` and the length of that
+    reply (its END line included), or None if it is anything else (``ReplyParser._whole_values``)."""
     find, fields, one, pos = data.find, 5 if with_cas else 4, type(wanted) is bytes, 0
     items: list[Value] = []
     while True:
         head = find(b"\r\n", pos)
+        if head < 0:
+            return None
         parts = data[pos:head].split(b" ")
         if len(parts) != fields or parts[0] != b"VALUE":
-            return items if parts == [b"END"] and head + 2 == len(data) else None
+            return (items, head + 2) if parts == [b"END"] else None
         key, flags, size = parts[1], parts[2], parts[3]
         # at most 10 digits each: below 2**32, and never a huge int to parse
         if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):

@@ -837,3 +837,66 @@ def test_valid_stream_split_anywhere_parses_to_the_same_replies(
     assert parse(expects, [stream], max_value=64) == expected
     assert parse(expects, random_chunks(stream, rng), max_value=64) == expected
     assert parse(expects, random_chunks(stream, rng, most=len(stream) // 4 + 1), max_value=64) == expected
+
+
+def test_many_pipelined_get_replies_over_the_copy_limit_parse_in_order() -> None:
+    # More than _COPY_WHOLE_BUFFER buffered at once (each reply is then copied up to its own END),
+    # and values that hold "\r\nEND\r\n" (the copy is cut inside them: the line path reads them).
+    replies, stream, expects = [], b"", []
+    for n in range(60):
+        keys = [b"k%d-%d" % (n, i) for i in range(20)]
+        items = [
+            Value(k, i, (b"\r\nEND\r\n" if i % 7 == 0 else b"v") * 140, None) for i, k in enumerate(keys)
+        ]
+        stream += b"".join(b"VALUE %b %d %d\r\n%b\r\n" % (v.key, v.flags, len(v.data), v.data) for v in items)
+        stream += b"END\r\n"
+        replies.append(items)
+        expects.append((Expect.VALUES, False, frozenset(keys)))
+    assert len(stream) > 256 * 1024
+    parser = ReplyParser(max_value=1024)
+    parser.expect_many(expects)
+    parser.feed(stream)
+    assert parser.next_many(100) == replies
+    assert parser.pending == 0
+    assert not parser.buffered
+
+
+def test_whole_parses_a_single_reply_at_once_and_declines_anything_else() -> None:
+    parser = ReplyParser(max_value=100)
+    assert parser.whole(Expect.STATUS, b"STORED\r\n", None) == b"STORED"
+    assert parser.whole(Expect.VALUES, b"END\r\n", b"k") == []
+    assert parser.whole(Expect.VALUES, b"VALUE k 5 3\r\nabc\r\nEND\r\n", b"k") == [
+        Value(b"k", 5, b"abc", None)
+    ]
+    assert parser.whole(Expect.CAS_VALUES, b"VALUE k 0 1 77\r\nx\r\nEND\r\n", b"k") == [
+        Value(b"k", 0, b"x", 77)
+    ]
+    declined = [
+        (Expect.STATUS, b"STORED\r\nSTORED\r\n", None),  # two lines: not one reply
+        (Expect.VALUES, b"VALUE j 0 1\r\nx\r\nEND\r\n", b"k"),  # another key
+        (Expect.VALUES, b"VALUE k 0 2\r\nx\r\nEND\r\n", b"k"),  # wrong length
+        (Expect.VALUES, b"VALUE k 0 101\r\n" + b"x" * 101 + b"\r\nEND\r\n", b"k"),  # over max_value
+        (Expect.VALUES, b"VALUE k 4294967296 1\r\nx\r\nEND\r\n", b"k"),  # flags over 32 bits
+        (Expect.VALUES, b"VALUE k 0 1\r\nx\r\n", b"k"),  # not whole
+        (Expect.CAS_VALUES, b"VALUE k 0 1\r\nx\r\nEND\r\n", b"k"),  # no CAS
+        (Expect.CAS_VALUES, b"VALUE k 0 1 18446744073709551616\r\nx\r\nEND\r\n", b"k"),  # CAS over 64 bits
+        (Expect.VALUES, b"VALUE k 0 1\r\nx\r\nEND\r\n", frozenset([b"k"])),  # only one-key gets
+        (Expect.NUMBER, b"42\r\n", None),  # not a kind it reads
+    ]
+    for kind, data, wanted in declined:
+        assert parser.whole(kind, data, wanted) is None, data
+    parser.expect(Expect.NOOP)  # something pending before: declined, untouched
+    assert parser.whole(Expect.STATUS, b"STORED\r\n", None) is None
+    assert parser.pending == 1
+
+
+def test_expect_many_takes_pairs_and_triples_and_refuses_a_bad_kind() -> None:
+    parser = ReplyParser()
+    parser.expect_many([(Expect.STATUS, True), (Expect.STATUS, False)])
+    parser.expect_many([(Expect.VALUES, False, b"k")])
+    assert parser.pending == 3
+    with pytest.raises(ArgumentError, match="not an Expect kind: 99"):
+        parser.expect_many([(Expect.STATUS, True), (99, False)])
+    assert parser.pending == 3  # nothing added
+    parser.feed(b"STORED\r\nNOT_STORED\r\nEND\r\n")
+    assert parser.next_many(5) == [b"STORED", b"NOT_STORED", []]
