@@ -2,6 +2,7 @@
 memcached nodes while a nemesis breaks nodes, changes the ring and kills workers; then the checker.
 
     python -m benchmarks.history --seed 1 --duration-s 60 --nemesis kill,pause --failover fail_fast
+    python -m benchmarks.history --summary RUN1.json RUN2.json ...   # one line per --json report
 
 The runner starts ``--nodes`` memcached processes on 127.0.0.1 (``LocalCluster``; behind one
 ``FaultProxy`` each when ``blackhole`` is among the nemeses), writes the server list to
@@ -319,8 +320,27 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, str | None]:
     return config, a.json
 
 
+def summarize(paths: Sequence[str]) -> int:
+    """Print one line per ``--json`` report: nemesis, policy, calls, faults, violations by rule."""
+    print(f"{'nemesis':<58} {'failover':<9} {'ops':>7} {'faults':>6} {'miss%':>6}  violations (explained)")
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        cfg = data["config"]
+        rate = data["read_misses"] / data["reads"] if data["reads"] else 0.0
+        found = ", ".join(f"{k} {n}" for k, n in sorted(data["violation_counts"].items())) or "none"
+        explained = sum(data["explained_counts"].values())
+        print(
+            f"{','.join(cfg['nemesis']) or '-':<58} {cfg['failover']:<9} {data['ops']:>7} "
+            f"{len(data['faults']):>6} {rate:>6.1%}  {found} ({explained})"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    config, json_path = parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--summary"]:
+        return summarize(args[1:])
+    config, json_path = parse_args(args)
     started = time.monotonic()
     report, run_dir = run(config)
     print(f"history run: {config}")
