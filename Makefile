@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-unit test-integration test-smoke lint bench demo clean
+.PHONY: test test-unit test-integration test-smoke lint bench history demo clean
 
 STAMP := $(VENV)/.installed
 
@@ -41,6 +41,28 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.scaling_bench
 	$(BIN)/python -m benchmarks.cas_bench
 	$(BIN)/python -m benchmarks.django_bench
+
+# The long history run (issue 11): each nemesis alone, then all of them, under each failover policy;
+# HISTORY_S seconds each (default 60: about 12 minutes). Violations are expected where
+# docs/consistency.md lists known gaps, so each run's exit status is reported, not fatal; the
+# summary table is printed at the end and the reports are kept in $(HISTORY_DIR).
+HISTORY_S ?= 60
+HISTORY_DIR ?= history-results
+HISTORY_RUNS := kill pause blackhole add remove reweight worker-kill add,remove \
+	kill,pause,blackhole,add,remove,reweight,worker-kill
+
+history: $(STAMP)
+	tools/setup-memcached.sh
+	rm -rf $(HISTORY_DIR) && mkdir -p $(HISTORY_DIR)
+	seed=100; for n in $(HISTORY_RUNS); do seed=$$((seed + 1)); \
+		$(BIN)/python -m benchmarks.history --seed $$seed --duration-s $(HISTORY_S) --nemesis $$n \
+			--json $(HISTORY_DIR)/$$seed.json --out $(HISTORY_DIR)/run-$$seed > $(HISTORY_DIR)/$$seed.txt 2>&1; \
+		echo "seed $$seed $$n: exit $$?"; done
+	seed=110; for p in remap gutter; do seed=$$((seed + 1)); \
+		$(BIN)/python -m benchmarks.history --seed $$seed --duration-s $(HISTORY_S) --failover $$p \
+			--nemesis kill,pause,blackhole --json $(HISTORY_DIR)/$$p.json --out $(HISTORY_DIR)/run-$$p \
+			> $(HISTORY_DIR)/$$p.txt 2>&1; echo "$$p: exit $$?"; done
+	$(BIN)/python -m benchmarks.history --summary $(HISTORY_DIR)/*.json
 
 demo: $(STAMP)
 	tools/setup-memcached.sh

@@ -28,11 +28,23 @@ exit if the caller forgot ``close()``.
 
 Layout (private modules; import from ``shardcache.testing``): ``_nodes`` (the node interface,
 :class:`ProcessNode`, the ``version`` probe), ``_docker`` (:class:`ContainerNode`), ``_cluster``
-(:class:`LocalCluster`), ``_tls`` (:func:`make_self_signed_cert`), ``_proxy`` (:class:`FaultProxy`).
+(:class:`LocalCluster`), ``_tls`` (:func:`make_self_signed_cert`), ``_proxy`` (:class:`FaultProxy`),
+``_history`` (the pure history checker: :func:`check_history` over :class:`Op` records, see
+benchmarks/history.py for the runner and nemesis that produce them).
 """
 
 from shardcache.testing._cluster import LocalCluster
 from shardcache.testing._docker import DEFAULT_IMAGE, ContainerNode, docker_unavailable_reason
+from shardcache.testing._history import (
+    Fault,
+    History,
+    HistoryReport,
+    Op,
+    Outcome,
+    Violation,
+    check_history,
+    load_history,
+)
 from shardcache.testing._nodes import MemcachedNode, ProcessNode, ServerSetupError, probe_version
 from shardcache.testing._proxy import FaultProxy
 from shardcache.testing._tls import make_self_signed_cert
@@ -40,12 +52,20 @@ from shardcache.testing._tls import make_self_signed_cert
 __all__ = [
     "DEFAULT_IMAGE",
     "ContainerNode",
+    "Fault",
     "FaultProxy",
+    "History",
+    "HistoryReport",
     "LocalCluster",
     "MemcachedNode",
+    "Op",
+    "Outcome",
     "ProcessNode",
     "ServerSetupError",
+    "Violation",
+    "check_history",
     "docker_unavailable_reason",
+    "load_history",
     "make_self_signed_cert",
     "probe_version",
 ]
