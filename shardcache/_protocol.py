@@ -156,9 +156,13 @@ class KeyCodec:
                 key = bytes(given) if isinstance(given, bytearray | memoryview) else given
                 raw = self.raw(key)
             wire = prefix + raw if prefix else raw
-            if not raw or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+            if not raw or len(wire) > MAX_KEY_LENGTH:
                 raise KeyValidationError(_key_problem(key, raw, wire))
             out.append((key, wire if hash_prefix else raw, wire))
+        # one scan of all the keys together (a bad byte shows wherever it is); then the bad key
+        if _BAD_KEY_BYTE(b"".join([wire for _, _, wire in out])):
+            key, _, wire = next(item for item in out if _BAD_KEY_BYTE(item[2]))
+            raise KeyValidationError(_key_problem(key, wire, wire))
         return out
 
     def unprefixed(self, wire: bytes) -> bytes:
