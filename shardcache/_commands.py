@@ -8,6 +8,12 @@ cluster-wide commands are in ``shardcache._batch``; warm-up in ``shardcache._war
 A key's path reads one way: validate (``Core.keys``) -> route (``Core.router``) -> encode
 (``shardcache._protocol``) -> the executor -> parse -> back here, and nothing returns to the caller to
 ask what to do next.
+
+The hottest calls also have a flow-less form (``get_now``, ``store_now``): the same routing and
+reply handling (``Core.value_of``, ``_stored``) through ``Executor.request``, taken only when the
+owner is ready and no ring change is in its windows; otherwise they return ``FLOW`` and the
+caller runs the flow. A generator, its sends and its ``StopIteration`` cost about as much Python
+as the rest of a ``get``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,15 @@ means (the commands do).
 
 Multi-node calls are multiplexed with ``poll``: every node's request is written and its replies
 read as the sockets allow, so the nodes work at the same time, a large request never deadlocks
-against a large reply, and the whole call is bounded by one deadline.
+against a large reply, and the whole call is bounded by one deadline. A node whose job is one
+request that the socket took whole (a ``get_many`` group, usually) is not multiplexed: once every
+request is out, each such node's reply is read in turn (``Connection.read_one``), so it is parsed
+in one piece when it arrived whole.
+
+``Executor.request`` is ``call`` outside a flow, with a deadline of its own: ``get`` and
+``set``/``add``/... use it directly when only the key's owner is involved (``_commands.get_now``,
+``store_now``), which keeps the Python work between two round trips near the old hand-written
+path's (benchmarks/README.md, compare_commits).
 """
 
 from __future__ import annotations
