@@ -6,6 +6,7 @@ The public API is what ``__all__`` lists; everything else is private.
 import logging
 
 from shardcache._commands import CasToken
+from shardcache._rebalance import RebalanceReport
 from shardcache.client import Client
 from shardcache.discovery import dns_discovery
 from shardcache.errors import (
@@ -60,6 +61,7 @@ __all__ = [
     "NodeUnavailableError",
     "PickleSerde",
     "ProtocolError",
+    "RebalanceReport",
     "Ring",
     "RingDiff",
     "Serde",

@@ -42,6 +42,7 @@ from shardcache._replies import (
     DEFAULT_MAX_VALUE,
     MAX_LINE,
     NEED_DATA,
+    DumpEntry,
     ErrorReply,
     Expect,
     Meta,
@@ -57,6 +58,7 @@ __all__ = [
     "MAX_LINE",
     "NEED_DATA",
     "NOOP",
+    "DumpEntry",
     "ErrorReply",
     "Expect",
     "KeyCodec",
@@ -77,6 +79,7 @@ __all__ = [
     "meta_delete",
     "meta_get",
     "meta_set",
+    "metadump",
     "retrieve",
     "stats",
     "store",
@@ -347,6 +350,17 @@ def stats(args: Iterable[object] = ()) -> bytes:
             raise ArgumentError(f"stats argument must be one printable word, got {arg!r}")
         tokens.append(token)
     return b"stats" + b"".join(b" " + t for t in tokens) + b"\r\n"
+
+
+def metadump(classes: Iterable[int] | None = None) -> bytes:
+    """``lru_crawler metadump``: every item (``classes`` None), or those of some slab classes
+    (1..63, as ``stats items`` names them). Its reply: ``Expect.DUMP``."""
+    if classes is None:
+        return b"lru_crawler metadump all\r\n"
+    ids = [_integer(c, "slab class", 1, 63) for c in classes]
+    if not ids:
+        raise ArgumentError("metadump needs at least one slab class (or None for all)")
+    return b"lru_crawler metadump %b\r\n" % b",".join(b"%d" % i for i in ids)
 
 
 def flush_all(delay: object = 0, *, noreply: bool = False) -> bytes:

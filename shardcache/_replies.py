@@ -10,14 +10,27 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
+from shardcache._reply_items import (
+    DumpEntry,
+    ErrorReply,
+    Meta,
+    Oversized,
+    Value,
+    dump_entry,
+    error_reply,
+    parse_values,
+    value_header,
+)
 from shardcache.errors import ArgumentError, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_VALUE",
+    "MAX_DUMP",
     "MAX_LINE",
     "NEED_DATA",
+    "DumpEntry",
     "ErrorReply",
     "Expect",
     "Meta",
@@ -27,10 +40,10 @@ __all__ = [
 ]
 
 MAX_LINE: Final = 64 * 1024  # a reply header or STAT line; memcached's are far shorter
+MAX_DUMP: Final = 256 * 1024 * 1024  # an lru_crawler metadump reply (~100 bytes per item)
 DEFAULT_MAX_VALUE: Final = 1024 * 1024  # memcached's default item size limit (-I 1m)
 _HARD_MAX_VALUE: Final = 1024 * 1024 * 1024  # memcached refuses -I over 1 GiB: a larger length is garbage
 _U32: Final = 2**32
-# The header of a value as memcached sends it, for the fast path (anything else takes the slow one)
 _U64: Final = 2**64
 _first, _second = itemgetter(0), itemgetter(1)
 _COPY_WHOLE_BUFFER: Final = 256 * 1024  # a whole get reply is parsed from one copy of the buffer up to this
@@ -38,44 +51,6 @@ _new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__ (a h
 
 
 # -- replies ----------------------------------------------------------------------------------------
-
-
-class Value(NamedTuple):
-    """One item of a ``get``/``gets``/``gat``/``gats`` reply. ``cas`` is None without ``gets``."""
-
-    key: bytes
-    flags: int
-    data: bytes
-    cas: int | None
-
-
-class Oversized(NamedTuple):
-    """An item whose value was longer than the parser's ``max_value``: skipped, not buffered."""
-
-    key: bytes
-    size: int
-
-
-class Meta(NamedTuple):
-    """A meta-command reply: ``status`` (``HD``, ``VA``, ``EN``, ``NF``, ``NS``, ``EX``, ``MN``),
-    its flags (``{b"c": b"123", b"W": b""}``), and the value for ``VA``."""
-
-    status: bytes
-    flags: dict[bytes, bytes]
-    data: bytes | None
-
-
-class ErrorReply(NamedTuple):
-    """``ERROR``, ``CLIENT_ERROR ...``, ``SERVER_ERROR ...`` or another refusal line.
-
-    ``fatal``: the connection can no longer be trusted (a command with a data block was refused,
-    so the data may have been read as commands, or memcached did not know the command) and must
-    be dropped after this reply.
-    """
-
-    kind: str
-    message: str
-    fatal: bool
 
 
 class Expect:
@@ -90,6 +65,7 @@ class Expect:
     OK: Final = 6  # flush_all, cache_memlimit: b"OK"
     NOOP: Final = 7  # internal: everything up to MN after noreply commands; never returned
     CAS_VALUES: Final = 8  # gets/gats: as VALUES, and an item without its CAS is a ProtocolError
+    DUMP: Final = 9  # lru_crawler metadump: LF-terminated "key=... cas=..." lines, END -> list[DumpEntry]
 
 
 _VALUES, _STATUS, _CAS_VALUES = Expect.VALUES, Expect.STATUS, Expect.CAS_VALUES  # hot paths: no class lookup
@@ -210,7 +186,7 @@ class ReplyParser:
         if type(wanted) is not bytes:  # a get of several keys: the reply must be all of data
             if not data.endswith(b"END\r\n"):
                 return None
-            found = _parse_values(data, wanted, kind == _CAS_VALUES, self._max_value)
+            found = parse_values(data, wanted, kind == _CAS_VALUES, self._max_value)
             return found[0] if found is not None and found[1] == len(data) else None
         if data == b"END\r\n":
             return []
@@ -261,6 +237,8 @@ class ReplyParser:
                 reply = self._values(wanted, kind == Expect.CAS_VALUES)
             elif kind == Expect.NOOP:
                 reply = self._noop()
+            elif kind == Expect.DUMP:
+                reply = self._dump()
             else:
                 line = self._line()
                 reply = NEED_DATA if line is None else self._simple(kind, data_block, line)
@@ -337,17 +315,10 @@ class ReplyParser:
 
     def _refusal(self, line: bytes, data_block: bool) -> ErrorReply:
         """An error line in place of a reply, or ProtocolError if it is not one."""
-        head, _, rest = line.partition(b" ")
-        message = rest.decode("utf-8", "replace")
-        if head == b"SERVER_ERROR":
-            return ErrorReply("SERVER_ERROR", message, False)
-        if head == b"CLIENT_ERROR":
-            return ErrorReply("CLIENT_ERROR", message, data_block)
-        if line == b"ERROR":
-            return ErrorReply("ERROR", "unknown command", True)
-        if head in (b"MEMLIMIT_TOO_SMALL", b"MEMLIMIT_ADJUST_FAILED"):
-            return ErrorReply(head.decode(), message, False)
-        raise self._error(f"unexpected reply {line[:40]!r}")
+        refused = error_reply(line, data_block)
+        if refused is None:
+            raise self._error(f"unexpected reply {line[:40]!r}")
+        return refused
 
     def _values(self, wanted: Any, with_cas: bool) -> Any:
         items = self._items
@@ -367,7 +338,10 @@ class ReplyParser:
                 if items:
                     raise self._error(f"unexpected line in a get reply {line[:40]!r}")
                 return self._refusal(line, False)
-            key, flags, cas, size = self._value_header(line, parts, with_cas)
+            header = value_header(parts, with_cas)
+            if isinstance(header, str):
+                raise self._error(f"{header} {line[:60]!r}")
+            key, flags, cas, size = header
             if wanted is not None and key != wanted and (type(wanted) is bytes or key not in wanted):
                 raise self._error(f"a value for {key[:40]!r}, which was not asked for: out of step")
             if type(wanted) is bytes and items:
@@ -398,7 +372,7 @@ class ReplyParser:
                     return None
             with memoryview(buf) as view:  # released before buf.clear()
                 data = bytes(view[pos:stop])
-            found = _parse_values(data, wanted, with_cas, self._max_value)
+            found = parse_values(data, wanted, with_cas, self._max_value)
             if found is None:
                 return None
             items, used = found
@@ -408,20 +382,6 @@ class ReplyParser:
             pos = 0
         self._pos = self._scan = pos
         return items
-
-    def _value_header(
-        self, line: bytes, parts: list[bytes], with_cas: bool
-    ) -> tuple[bytes, int, int | None, int]:
-        """``(key, flags, cas, size)`` of ``VALUE <key> <flags> <size> [<cas>]``."""
-        size, flags = _number(parts[3]), _number(parts[2])
-        cas = _number(parts[4]) if len(parts) == 5 else None
-        if size is None or flags is None or flags >= _U32 or (len(parts) == 5 and cas is None):
-            raise self._error(f"malformed value header {line[:60]!r}")
-        if cas is None and with_cas:
-            raise self._error(f"no CAS unique in a gets/gats reply {line[:60]!r}")
-        if cas is not None and cas >= _U64:
-            raise self._error(f"CAS unique out of range {line[:60]!r}")
-        return parts[1], flags, cas, size
 
     def _value(
         self, meta: dict[bytes, bytes] | None, key: bytes, flags: int, cas: int | None, size: int
@@ -501,6 +461,28 @@ class ReplyParser:
                 return NEED_DATA
             line = next_line
 
+    def _dump(self) -> Any:
+        """An ``lru_crawler metadump`` reply: its entries once END has arrived (an error line, or
+        BUSY while another crawl runs, as an ``ErrorReply``); at most ``MAX_DUMP`` bytes."""
+        buf, pos = self._buf, self._pos
+        if buf.startswith(b"END\r\n", pos):
+            self._pos = self._scan = pos + 5
+            return []
+        if not buf.startswith(b"key=", pos) and len(buf) - pos >= 4:
+            line = self._line()
+            if line is None:
+                return NEED_DATA
+            return self._refusal(line, False)  # BUSY while another crawl runs, or an error
+        end = buf.find(b"\nEND\r\n", max(pos, self._scan - 6))
+        if end < 0:
+            if len(buf) - pos > MAX_DUMP:
+                raise self._error(f"an lru_crawler metadump reply over {MAX_DUMP} bytes")
+            self._scan = len(buf)
+            return NEED_DATA
+        body = bytes(buf[pos:end])
+        self._pos = self._scan = end + 6
+        return [entry for entry in map(dump_entry, body.split(b"\n")) if entry is not None]
+
     def _noop(self) -> Any:
         """Consume up to ``MN``; errors before it belong to noreply commands."""
         while True:
@@ -525,44 +507,3 @@ def _number(token: bytes) -> int | None:
 
 def _meta_flags(tokens: Sequence[bytes]) -> dict[bytes, bytes]:
     return {token[:1]: token[1:] for token in tokens if token}
-
-
-def _parse_values(
-    data: bytes, wanted: Any, with_cas: bool, size_limit: int
-) -> tuple[list[Value], int] | None:
-    """The items of the whole get/gets reply at the start of ``data`` and the length of that
-    reply (its END line included), or None if it is anything else (``ReplyParser._whole_values``)."""
-    find, fields, one, pos = data.find, 5 if with_cas else 4, type(wanted) is bytes, 0
-    items: list[Value] = []
-    while True:
-        head = find(b"\r\n", pos)
-        if head < 0:
-            return None
-        parts = data[pos:head].split(b" ")
-        if len(parts) != fields or parts[0] != b"VALUE":
-            return (items, head + 2) if parts == [b"END"] else None
-        key, flags, size = parts[1], parts[2], parts[3]
-        # at most 10 digits each: below 2**32, and never a huge int to parse
-        if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):
-            return None
-        length, number, start = int(size), int(flags), head + 2
-        stop = start + length
-        if (
-            number >= _U32
-            or length > size_limit
-            or data[stop : stop + 2] != b"\r\n"
-            or (
-                (key not in wanted if not one else (key != wanted or items))
-                if wanted is not None
-                else not 0 < len(key) <= 250
-            )
-        ):
-            return None
-        cas = None
-        if with_cas:
-            token = parts[4]
-            if not (token.isdigit() and len(token) <= 20) or int(token) >= _U64:
-                return None
-            cas = int(token)
-        items.append(_new_tuple(Value, (key, number, data[start:stop], cas)))
-        pos = stop + 2

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
 
-from shardcache import _batch, recipes
+from shardcache import _batch, _rebalance, recipes
 from shardcache import _commands as cmd
 from shardcache._commands import UNAVAILABLE, CasToken, Core, Engine
 from shardcache._conn import ConnectionSettings
@@ -30,6 +30,7 @@ from shardcache._events import Events
 from shardcache._executor import Executor
 from shardcache._membership import Membership
 from shardcache._options import Options
+from shardcache._rebalance import RebalanceReport
 from shardcache._router import CallKind, Router
 from shardcache.discovery import Poller
 from shardcache.errors import ArgumentError, ConfigurationError
@@ -392,6 +393,11 @@ class Client:
         """Stop calling ``callback``."""
         self._events.remove_listener(callback)
 
+    def rebalance(self, *, batch: int = 500, keys_per_s: float | None = None) -> RebalanceReport:
+        """Delete the copies nodes hold of keys they no longer own (inside a change's window, move
+        them to their owner first), listing keys with ``lru_crawler metadump``: docs/consistency.md."""
+        return self._run(_rebalance.rebalance(self._core, batch=batch, keys_per_s=keys_per_s))
+
     def add_node(self, spec: NodeSpecLike, *, warmup_s: float = 0.0) -> None:
         """Add a node. For ``warmup_s`` seconds a miss on a key that moved to it is read from the
         key's previous owner and copied over. With ``warmup_s=0`` moved keys miss, but for 60 s
@@ -437,8 +443,7 @@ class Client:
             self._poller.close()
         self._membership.close()
 
-    def quit(self) -> None:
-        """pymemcache's ``quit``: close the connections."""
+    def quit(self) -> None:  # pymemcache's name for close
         self.close()
 
     def __enter__(self) -> Client:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 from unittest import mock
+from urllib.parse import quote_from_bytes
 
 from shardcache import _commands as cmd
 from shardcache import _membership
@@ -77,6 +78,7 @@ class FakeServer:
         self.commands: list[bytes] = []  # every command line received, in order
         self.before: Callable[[bytes], None] | None = None  # runs before each command line
         self.refuse: set[bytes] = set()  # verbs answered with SERVER_ERROR
+        self.crawler_busy = 0  # this many metadumps are answered BUSY first
 
     # -- the test's view of the data --------------------------------------------------------------
 
@@ -183,6 +185,20 @@ class FakeServer:
             return self._meta_delete(parts)
         if verb == b"mn":
             return b"MN\r\n"
+        if verb == b"stats" and parts[1:] == [b"items"]:  # every item in slab class 1
+            count = len(self.stored())
+            return (b"STAT items:1:number %d\r\n" % count if count else b"") + b"END\r\n"
+        if verb == b"lru_crawler" and parts[1] == b"metadump":
+            if self.crawler_busy:
+                self.crawler_busy -= 1
+                return b"BUSY currently processing crawler request\r\n"
+            lines = [
+                b"key=%b exp=-1 la=0 cas=%d fetch=no cls=1 size=%d\n"
+                % (quote_from_bytes(wire, safe="").encode(), item.cas, len(item.data))
+                for wire, item in list(self._items.items())
+                if self._live(wire) is not None
+            ]
+            return b"".join(lines) + b"END\r\n"
         return b"ERROR\r\n"
 
     def _storage(self, verb: bytes, parts: list[bytes], data: bytes) -> bytes:
