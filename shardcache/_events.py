@@ -28,12 +28,14 @@ EVENT_KINDS = (
     "node_added",
     "node_removed",
     "discovery_failed",
+    "rebalanced",
 )
 _LEVELS = {
     "node_up": logging.INFO,
     "fenced": logging.INFO,
     "node_added": logging.INFO,
     "node_removed": logging.INFO,
+    "rebalanced": logging.INFO,
 }
 
 

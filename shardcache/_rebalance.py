@@ -23,6 +23,7 @@ prefix, every key on the nodes is: do not share the servers with other applicati
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from shardcache._protocol import DumpEntry, ErrorReply, Expect, Meta
 from shardcache._topology import Node, Topology
 from shardcache._warmup import warm
 from shardcache.errors import ArgumentError, NodeError
+from shardcache.health import Event
 
 if TYPE_CHECKING:
     from shardcache._commands import Core
@@ -95,6 +97,7 @@ def rebalance(core: Core, *, batch: int, keys_per_s: float | None) -> Flow[Rebal
             failed.append(node.node_id)
             continue
         tally.nodes += 1
+        before = dataclasses.replace(tally)
         strays = _strays(core, topology, node, entries, tally)
         for start in range(0, len(strays), batch):
             chunk = strays[start : start + batch]
@@ -103,10 +106,17 @@ def rebalance(core: Core, *, batch: int, keys_per_s: float | None) -> Flow[Rebal
                 break
             # a pause between batches (it also starts the next batch's deadline afresh)
             yield Sleep(len(chunk) / keys_per_s if keys_per_s else 0.0)
+        core.events.emit(Event("rebalanced", node.node_id, _progress(before, tally)))
     return RebalanceReport(
         tally.nodes, tally.scanned, tally.strays, tally.copied, tally.deleted, tally.changed,
         tally.gone, tally.skipped, tuple(failed), time.monotonic() - started,
     )  # fmt: skip
+
+
+def _progress(before: _Tally, after: _Tally) -> str:
+    counts = {name: getattr(after, name) - getattr(before, name) for name in ("scanned", "strays", "copied",
+              "deleted", "changed", "gone", "skipped")}  # fmt: skip
+    return ", ".join(f"{name} {count}" for name, count in counts.items())
 
 
 def _listing(node: Node) -> Flow[list[DumpEntry]]:

@@ -52,12 +52,13 @@ class Clock(Protocol):
 class Event:
     """Something that happened to a node, as delivered to ``Client.add_listener`` callbacks.
 
-    ``kind`` is one of eight: ``"node_down"``, ``"node_up"``, ``"failover"`` (its keys now go to a
+    ``kind`` is one of nine: ``"node_down"``, ``"node_up"``, ``"failover"`` (its keys now go to a
     stand-in), ``"error"`` (a failed or refused call; ``error`` and ``key`` say which), ``"fenced"``
     (a readmitted node forgot the keys written elsewhere meanwhile), ``"node_added"``,
-    ``"node_removed"`` (membership changes; ``detail`` names the warm-up or drain window) and
+    ``"node_removed"`` (membership changes; ``detail`` names the warm-up or drain window),
     ``"discovery_failed"`` (the discovery callable failed or returned nothing; the last good list
-    stays).
+    stays) and ``"rebalanced"`` (``Client.rebalance`` is done with a node; ``detail`` counts its
+    strays).
     """
 
     kind: str

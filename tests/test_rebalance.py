@@ -50,6 +50,9 @@ def test_after_the_windows_a_stray_is_deleted_and_owned_keys_stay(cluster: Clust
         assert cluster.servers[D].peek(key.encode()) is None  # and not copied: no window is open
     assert (report.strays, report.deleted, report.copied, report.skipped) == (len(moved), len(moved), 0, 0)
     assert report.nodes == 4 and report.scanned == 200 and report.failed_nodes == ()
+    progress = [event for event in cluster.seen if event.kind == "rebalanced"]
+    assert sorted(event.node_id for event in progress) == sorted([*NODES, D])
+    assert sum(int(event.detail.split("deleted ")[1].split(",")[0]) for event in progress) == len(moved)
     stayed = [f"k{i}" for i in range(200) if cluster.owner_id(f"k{i}") != D]
     assert all(cluster.server_for(key).peek(key.encode()) == b"old-" + key.encode() for key in stayed)
 
