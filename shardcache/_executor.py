@@ -8,10 +8,10 @@ means (the commands do).
 
 Multi-node calls are multiplexed with ``poll``: every node's request is written and its replies
 read as the sockets allow, so the nodes work at the same time, a large request never deadlocks
-against a large reply, and the whole call is bounded by one deadline. A node whose job is one
-request that the socket took whole (a ``get_many`` group, usually) is not multiplexed: once every
-request is out, each such node's reply is read in turn (``Connection.read_one``), so it is parsed
-in one piece when it arrived whole.
+against a large reply, and the whole call is bounded by one deadline. (Reading the nodes' replies
+in turn would be cheaper, but a node that hangs would then hold back the replies of the others
+until the deadline, and a large one would not fit in its socket's buffer meanwhile: a frozen node
+would fail every node's part of a ``get_many``.)
 
 ``Executor.request`` is ``call`` outside a flow, with a deadline of its own: ``get`` and
 ``set``/``add``/... use it directly when only the key's owner is involved (``_commands.get_now``,
@@ -232,7 +232,6 @@ class Executor:
         """Run each node's job concurrently; ``{node_id: replies}`` or the node's ``NodeError``."""
         results: dict[str, list[Any] | NodeError] = {}
         active: dict[int, _Pending] = {}
-        sent_whole: list[tuple[Node, Connection, tuple[Any, ...]]] = []  # one request, all sent
         for node_id, (node, (payload, expects)) in jobs.items():
             node.ops += 1
             try:
@@ -241,17 +240,7 @@ class Executor:
                 self.failed(node, err, what, key)
                 results[node_id] = err
                 continue
-            sent = 0
-            if len(expects) == 1 and not conn.parser.pending:
-                try:
-                    sent = conn.send_some(memoryview(payload))
-                except NodeError as err:
-                    self._fail(_Pending(node, conn, b"", ()), err, what, key, results)
-                    continue
-                if sent == len(payload):
-                    sent_whole.append((node, conn, expects[0]))
-                    continue
-            pending = _Pending(node, conn, payload, expects, sent)
+            pending = _Pending(node, conn, payload, expects)
             try:
                 pending.start()
             except NodeError as err:
@@ -261,17 +250,6 @@ class Executor:
                 self._finish(pending, results)
             else:
                 active[conn.fileno()] = pending
-        # Every request went out whole: read each node's reply in turn (the nodes work at once;
-        # a reply waits in its socket while an earlier one is read), most in one piece.
-        for node, conn, (kind, data_block, *wanted) in sent_whole:
-            try:
-                reply = conn.read_one(kind, data_block, wanted[0] if wanted else None, deadline)
-            except NodeError as err:
-                self._fail(_Pending(node, conn, b"", ()), err, what, key, results)
-                continue
-            pending = _Pending(node, conn, b"", ())
-            pending.replies.append(reply)
-            self._finish(pending, results)
         if active:
             self._multiplex(active, deadline, what, key, results)
         return results
@@ -351,21 +329,17 @@ class _Pending:
     __slots__ = ("conn", "count", "node", "replies", "view")
 
     def __init__(
-        self, node: Node, conn: Connection, payload: bytes, expects: Sequence[tuple[Any, ...]], sent: int = 0
-    ) -> None:  # fmt: skip
-        """``sent``: bytes of ``payload`` already sent. With no payload and no expects it is only
-        a record of a reply read (or a failure) by :meth:`Executor.fanout` itself."""
+        self, node: Node, conn: Connection, payload: bytes, expects: Sequence[tuple[int, bool]]
+    ) -> None:
         self.node = node
         self.conn = conn
-        self.view = memoryview(payload)[sent:]
+        self.view = memoryview(payload)
         self.count = len(expects)
         self.replies: list[Any] = []
-        if not payload:
-            return
         conn.parser.expect_many(expects)
         if not expects:  # noreply requests: an mn keeps the connection in step, read by its next user
             conn.parser.expect(Expect.NOOP)
-            self.view = memoryview(payload + NOOP)[sent:]
+            self.view = memoryview(payload + NOOP)
 
     def start(self) -> None:
         sent = self.conn.send_some(self.view)

@@ -86,3 +86,12 @@ def test_no_module_class_or_function_is_too_big() -> None:
             elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and span > MAX_FUNCTION_LINES:
                 too_big.append(f"function {name}.{node.name}: {span} lines")
     assert too_big == []
+
+
+def test_test_modules_have_distinct_names_across_tests_and_integration() -> None:
+    # pytest imports both folders' files as top-level modules (no __init__.py): two files of the
+    # same name make `pytest tests integration` fail at collection.
+    root = Path(__file__).resolve().parent.parent
+    unit = {path.name for path in (root / "tests").glob("test_*.py")}
+    live = {path.name for path in (root / "integration").glob("test_*.py")}
+    assert unit & live == set()
