@@ -372,3 +372,28 @@ def test_a_server_restarted_while_connections_sit_idle_costs_no_error(rig: Rig) 
         assert client.set(keys[2], 2) is True and client.get(keys[2]) == 2
         assert client.node_states()[victim] == "up"
     assert errors == []
+
+
+def test_a_frozen_node_does_not_hold_back_the_other_nodes_part_of_a_get_many(
+    fresh_cluster: Callable[..., LocalCluster],
+) -> None:
+    # The node is frozen but not yet marked down: its part of the call waits until the deadline.
+    # The other nodes' replies, large ones included (bigger than a socket's buffer), must still be
+    # read meanwhile and returned.
+    cluster = fresh_cluster(3)
+    with Client(cluster.specs, **{**FAST, "on_error": "miss", "failure_threshold": 100}) as client:
+        frozen = cluster.specs[0]
+        keys = [f"big/{i}" for i in range(300)]
+        value = "v" * 20_000
+        assert client.set_many({k: value for k in keys}) == []
+        healthy = [k for k in keys if client.node_for(k) != frozen]
+        assert len(healthy) > 100
+        cluster.nodes[0].pause()
+        try:
+            started = time.monotonic()
+            found = client.get_many(keys)
+            assert time.monotonic() - started <= BOUND
+        finally:
+            cluster.nodes[0].unpause()
+        assert sorted(found) == sorted(healthy)
+        assert all(v == value for v in found.values())
