@@ -151,3 +151,24 @@ def test_a_hung_node_times_out_and_is_shown_down(fresh_cluster: Callable[..., Lo
     finally:
         hung.unpause()
     assert run_json("ping", servers=specs)["down"] == 0  # back once it answers again
+
+
+def test_rebalance_counts_then_deletes_the_copies_of_moved_keys(
+    fresh_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = fresh_cluster(4)
+    old, new = cluster.specs[:3], cluster.specs
+    keys = [f"books/{i}" for i in range(300)]
+    with shardcache.Client(old, key_prefix="app:") as client:
+        assert client.set_many({k: "page" for k in keys}) == []
+    with shardcache.Client(old) as other:  # another application's keys, no prefix: never touched
+        assert other.set_many({f"theirs/{i}": "x" for i in range(100)}) == []
+    moved = [k for k in keys if shardcache.Ring(new).node_for(k) == new[3]]
+    counted = run_json("rebalance", "--key-prefix", "app:", "--dry-run", servers=new)
+    assert counted["report"]["strays"] == len(moved) and counted["report"]["deleted"] == 0
+    done = run_json("rebalance", "--key-prefix", "app:", servers=new)
+    assert done["report"]["deleted"] == len(moved) and done["report"]["failed_nodes"] == []
+    assert all(row["done"] for row in done["nodes"].values())
+    assert run_json("rebalance", "--key-prefix", "app:", servers=new)["report"]["strays"] == 0
+    with shardcache.Client(old) as other:
+        assert len(other.get_many([f"theirs/{i}" for i in range(100)])) == 100

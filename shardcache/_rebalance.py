@@ -77,8 +77,11 @@ class _Tally:
     skipped: int = 0
 
 
-def rebalance(core: Core, *, batch: int, keys_per_s: float | None) -> Flow[RebalanceReport]:
-    """Delete (inside a window: move) the keys each ready node holds but does not own."""
+def rebalance(
+    core: Core, batch: int, keys_per_s: float | None, dry_run: bool = False
+) -> Flow[RebalanceReport]:
+    """Delete (inside a window: move) the keys each ready node holds but does not own. With
+    ``dry_run`` only list and count them."""
     if type(batch) is not int or not 1 <= batch <= 10_000:
         raise ArgumentError(f"batch={batch!r}: an int, 1..10000")
     if keys_per_s is not None and not (isinstance(keys_per_s, int | float) and keys_per_s > 0):
@@ -99,7 +102,7 @@ def rebalance(core: Core, *, batch: int, keys_per_s: float | None) -> Flow[Rebal
         tally.nodes += 1
         before = dataclasses.replace(tally)
         strays = _strays(core, topology, node, entries, tally)
-        for start in range(0, len(strays), batch):
+        for start in range(0, 0 if dry_run else len(strays), batch):
             chunk = strays[start : start + batch]
             if not (yield from _clean(core, topology, node, chunk, tally)):
                 failed.append(node.node_id)

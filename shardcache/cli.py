@@ -1,6 +1,7 @@
 """The ``shardcache`` command line: where keys live, what a ring change moves, how the nodes are doing.
 
-Subcommands: ``locate`` and ``plan`` work on the ring alone (no network); ``stats`` and ``ping`` ask
+Subcommands: ``locate`` and ``plan`` work on the ring alone (no network); ``rebalance``
+(``shardcache._cli_rebalance``) cleans the nodes through one client; ``stats`` and ``ping`` ask
 every node, each through its own single-node ``shardcache.Client`` so one node's failure is reported
 for that node instead of failing the whole command. The nodes are queried in parallel and every call
 has a timeout, so a dead or hung node costs about one timeout, never a stuck command.
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import shardcache
-from shardcache import _cli_plan
+from shardcache import _cli_plan, _cli_rebalance
 from shardcache._cli_output import (
     EXIT_NODE_DOWN,
     EXIT_OK,
@@ -162,6 +163,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ping.add_argument(
         "--count", type=_count, default=3, metavar="N", help="timed round trips per node (default: 3)"
     )
+    rebalance = sub.add_parser(
+        "rebalance",
+        parents=[common],
+        help="delete the copies nodes hold of keys they no longer own",
+        description=(
+            "List every node's keys (lru_crawler metadump) and delete those the ring maps elsewhere, "
+            "each only if unchanged since listed; keys whose owner is down are left alone. Run it "
+            "with the server list every application process uses, after they all apply a change."
+        ),
+    )
+    _cli_rebalance.add_arguments(rebalance)
     return parser
 
 
@@ -191,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": _cli_plan.plan,
         "stats": _stats,
         "ping": _ping,
+        "rebalance": _cli_rebalance.rebalance,
     }
     try:
         context = Context(_servers(args), args.json, args.timeout, stdout_console())

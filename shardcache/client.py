@@ -383,20 +383,20 @@ class Client:
         return {node_id: node.counters() for node_id, node in self._membership.topology.nodes.items()}
 
     def add_listener(self, callback: Callable[[Event], None]) -> None:
-        """Call ``callback(event)`` on every ``shardcache.Event``. Its ``kind`` is one of:
-        ``node_down``, ``node_up``, ``failover``, ``error``, ``fenced``, ``node_added``,
-        ``node_removed``, ``discovery_failed``. Callbacks run on the thread that saw the event
-        (a request's, the prober's or discovery's); an exception in one is logged, never raised."""
+        """Call ``callback(event)`` on every ``shardcache.Event`` (its kinds: ``Event``'s docstring),
+        on the thread that saw it (a request's, the prober's, discovery's, rebalance's); an
+        exception in a callback is logged, never raised."""
         self._events.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[Event], None]) -> None:
         """Stop calling ``callback``."""
         self._events.remove_listener(callback)
 
-    def rebalance(self, *, batch: int = 500, keys_per_s: float | None = None) -> RebalanceReport:
-        """Delete the copies nodes hold of keys they no longer own (inside a change's window, move
-        them to their owner first), listing keys with ``lru_crawler metadump``: docs/consistency.md."""
-        return self._run(_rebalance.rebalance(self._core, batch=batch, keys_per_s=keys_per_s))
+    def rebalance(
+        self, *, batch: int = 500, keys_per_s: float | None = None, dry_run: bool = False
+    ) -> RebalanceReport:
+        """Delete the copies nodes hold of keys they no longer own; docs/consistency.md "Rebalance"."""
+        return self._run(_rebalance.rebalance(self._core, batch, keys_per_s, dry_run))
 
     def add_node(self, spec: NodeSpecLike, *, warmup_s: float = 0.0) -> None:
         """Add a node. For ``warmup_s`` seconds a miss on a key that moved to it is read from the

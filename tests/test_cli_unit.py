@@ -440,3 +440,18 @@ def test_locate_takes_keys_that_are_not_utf8() -> None:
         "preference_list": list(ring.preference_list(b"x\xff", 3)),
     }
     assert rows[1]["node"] == ring.node_for("é") == ring.node_for("é".encode())
+
+
+# -- rebalance --------------------------------------------------------------------------------------
+
+
+def test_rebalance_refuses_to_touch_every_key_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--servers", SERVERS, "rebalance")
+    assert code == 2 and out == ""
+    assert "--key-prefix" in err and "--all-keys" in err
+
+
+@pytest.mark.parametrize("rate", ["0", "-5", "inf", "fast"])
+def test_rebalance_refuses_a_bad_rate(capsys: pytest.CaptureFixture[str], rate: str) -> None:
+    code, _, err = run(capsys, "--servers", SERVERS, "rebalance", "--key-prefix", "p:", "--keys-per-s", rate)
+    assert code == 2 and "keys per second" in err

@@ -166,3 +166,12 @@ def test_bad_arguments_raise_before_anything_is_sent(
     with pytest.raises(ArgumentError):
         cluster.run(rebalance(cluster.core, batch=batch, keys_per_s=keys_per_s))  # type: ignore[arg-type]
     assert not any(server.commands for server in cluster.servers.values())
+
+
+def test_a_dry_run_counts_the_strays_and_touches_nothing(cluster: Cluster) -> None:
+    moved = scale_out(cluster, 60.0)
+    report = cluster.run(rebalance(cluster.core, 500, None, dry_run=True))
+    assert report.strays == len(moved) and report.deleted == report.copied == 0
+    assert all(cluster.servers[old].peek(key.encode()) is not None for key, old in moved)
+    assert all(cluster.servers[D].peek(key.encode()) is None for key, _ in moved)
+    assert not any(server.sent(b"md") or server.sent(b"ms") for server in cluster.servers.values())
