@@ -16,7 +16,7 @@ from typing import Any
 import shardcache
 from shardcache._cli_output import EXIT_NODE_DOWN, EXIT_OK, Context, UsageError, emit_json, plain_table
 
-__all__ = ["add_arguments", "rebalance"]
+__all__ = ["add_parser", "rebalance"]
 
 _FIELDS = ("scanned", "strays", "copied", "deleted", "changed", "gone", "skipped")
 
@@ -31,7 +31,18 @@ def _rate(text: str) -> float:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``rebalance`` subcommand, on ``sub`` (the subparsers), with the ``common`` options."""
+    parser = sub.add_parser(
+        "rebalance",
+        parents=[common],
+        help="delete the copies nodes hold of keys they no longer own",
+        description=(
+            "List every node's keys (lru_crawler metadump) and delete those the ring maps elsewhere, "
+            "each only if unchanged since listed; keys whose owner is down are left alone. Run it "
+            "with the server list every application process uses, after they all apply a change."
+        ),
+    )
     parser.add_argument("--key-prefix", default="", metavar="PREFIX", help="the applications' key_prefix")
     parser.add_argument(
         "--all-keys", action="store_true", help="without --key-prefix: every key on the servers, anyone's"

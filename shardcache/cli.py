@@ -163,17 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ping.add_argument(
         "--count", type=_count, default=3, metavar="N", help="timed round trips per node (default: 3)"
     )
-    rebalance = sub.add_parser(
-        "rebalance",
-        parents=[common],
-        help="delete the copies nodes hold of keys they no longer own",
-        description=(
-            "List every node's keys (lru_crawler metadump) and delete those the ring maps elsewhere, "
-            "each only if unchanged since listed; keys whose owner is down are left alone. Run it "
-            "with the server list every application process uses, after they all apply a change."
-        ),
-    )
-    _cli_rebalance.add_arguments(rebalance)
+    _cli_rebalance.add_parser(sub, common)
     return parser
 
 
