@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pymemcache.client.base import Client as PymemcacheClient
 
 from shardcache import Client
-from shardcache.testing import LocalCluster
+from shardcache.testing import FaultProxy, LocalCluster
 
 
 def direct_get(spec: str, keys: Iterable[str]) -> dict[str, bytes]:
@@ -69,3 +69,19 @@ def test_rebalance_deletes_moved_copies_so_scale_in_and_remap_serve_no_old_value
         client.remove_node(added)
         served = {key: client.get(key) for key in moved}
         assert all(value is None for value in served.values()), served
+
+
+def test_rebalance_has_a_timeout_of_its_own_for_slow_listings(
+    fresh_cluster: Callable[..., LocalCluster], fault_proxy: Callable[..., FaultProxy]
+) -> None:
+    # A listing (one metadump per slab class) can take far longer than a get: the client's
+    # timeout would fail it (and count against the node's health); rebalance uses timeout_s.
+    cluster = fresh_cluster(2)
+    proxy = fault_proxy(cluster.nodes[0])
+    specs = [proxy.spec, cluster.specs[1]]
+    with Client(specs, timeout=0.2, connect_timeout=5.0, failure_threshold=100) as client:
+        assert client.set_many({f"t/{i}": "v" for i in range(200)}) == []
+        proxy.set_latency(0.3)  # every chunk each way: a round trip takes 0.6 s, over the timeout
+        report = client.rebalance(timeout_s=30.0)
+        assert report.failed_nodes == () and report.nodes == 2
+        assert client.node_states()[proxy.spec] == "up"

@@ -68,7 +68,10 @@ def rebalance(ctx: Context, args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         client.add_listener(seen)
-        report = client.rebalance(keys_per_s=args.keys_per_s, dry_run=args.dry_run)
+        # a listing can take seconds: 60 s for each (or --timeout if longer)
+        report = client.rebalance(
+            keys_per_s=args.keys_per_s, dry_run=args.dry_run, timeout_s=max(60.0, ctx.timeout)
+        )
     except shardcache.ArgumentError as exc:
         raise UsageError(str(exc)) from None
     finally:

@@ -60,6 +60,10 @@ class Executor:
         self._settings = settings
         self._timeout = timeout
 
+    def with_timeout(self, timeout: float | None) -> Executor:
+        """An executor on the same pools and events whose flows have ``timeout`` (long jobs)."""
+        return Executor(self._events, self._settings, timeout)
+
     def run(self, flow: Flow[T]) -> T:
         """Drive ``flow`` to its end and return its value."""
         timeout = self._timeout

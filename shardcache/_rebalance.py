@@ -45,7 +45,7 @@ from shardcache.health import Event
 if TYPE_CHECKING:
     from shardcache._commands import Core
 
-__all__ = ["RebalanceReport", "rebalance"]
+__all__ = ["RebalanceReport", "checked_timeout", "rebalance"]
 
 _BUSY_RETRIES: Final = 20  # another crawl holds the crawler: wait for it, up to ~10 s
 _BUSY_WAIT_S: Final = 0.5
@@ -81,6 +81,17 @@ class _Tally:
     changed: int = 0
     gone: int = 0
     skipped: int = 0
+
+
+def checked_timeout(timeout_s: object) -> float:
+    """``Client.rebalance``'s ``timeout_s``: finite seconds > 0 (``ArgumentError`` otherwise)."""
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not 0 < timeout_s < float("inf")
+    ):
+        raise ArgumentError(f"timeout_s={timeout_s!r}: finite seconds > 0")
+    return float(timeout_s)
 
 
 def rebalance(

@@ -115,7 +115,11 @@ class Client:
             opts, ring, gutter_ring, events=events, settings=settings, run=executor.run
         )
         self._core = Core(opts, self._membership, router, events)
-        self._run, self._request = executor.run, executor.request  # flows; flow-less fast paths
+        self._executor, self._run, self._request = (
+            executor,
+            executor.run,
+            executor.request,
+        )  # flows; fast paths
         self._engine = Engine(self._core, executor.run)
         self._reconfigure = threading.Lock()
         self._poller: Poller | None = None
@@ -215,14 +219,9 @@ class Client:
         return self._run(cmd.delete(self._core, key, noreply))
 
     def incr(
-        self,
-        key: Key,
-        value: int,
-        noreply: bool | None = False,
-        *,
-        initial: int | None = None,
-        expire: int = 0,
-    ) -> int | None:
+        self, key: Key, value: int, noreply: bool | None = False, *,
+        initial: int | None = None, expire: int = 0,
+    ) -> int | None:  # fmt: skip
         """Add ``value`` to the counter at ``key``: the new value, or None if ``key`` is absent.
 
         With ``initial``, an absent counter is **created at** ``initial`` **and** ``initial`` **is
@@ -241,14 +240,9 @@ class Client:
         )
 
     def decr(
-        self,
-        key: Key,
-        value: int,
-        noreply: bool | None = False,
-        *,
-        initial: int | None = None,
-        expire: int = 0,
-    ) -> int | None:
+        self, key: Key, value: int, noreply: bool | None = False, *,
+        initial: int | None = None, expire: int = 0,
+    ) -> int | None:  # fmt: skip
         """Subtract ``value`` from the counter at ``key`` (floored at 0): the new value, or None.
 
         ``initial`` and ``expire`` as for ``incr``: an absent counter is created at ``initial``,
@@ -393,10 +387,13 @@ class Client:
         self._events.remove_listener(callback)
 
     def rebalance(
-        self, *, batch: int = 500, keys_per_s: float | None = None, dry_run: bool = False
-    ) -> RebalanceReport:
-        """Delete the copies nodes hold of keys they no longer own; docs/consistency.md "Rebalance"."""
-        return self._run(_rebalance.rebalance(self._core, batch, keys_per_s, dry_run))
+        self, *, batch: int = 500, keys_per_s: float | None = None, dry_run: bool = False,
+        timeout_s: float = 60.0,
+    ) -> RebalanceReport:  # fmt: skip
+        """Delete the copies nodes hold of keys they no longer own (``timeout_s``: for each listing
+        and batch); docs/consistency.md "Rebalance"."""
+        run = self._executor.with_timeout(_rebalance.checked_timeout(timeout_s)).run
+        return run(_rebalance.rebalance(self._core, batch, keys_per_s, dry_run))
 
     def add_node(self, spec: NodeSpecLike, *, warmup_s: float = 0.0) -> None:
         """Add a node. For ``warmup_s`` seconds a miss on a key that moved to it is read from the

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from fakes import Cluster
 
+from shardcache import Client
 from shardcache._rebalance import RebalanceReport, rebalance
 from shardcache._topology import PINNED_WINDOW_S
 from shardcache.errors import ArgumentError
@@ -196,3 +197,10 @@ def test_what_a_listing_missed_is_caught_by_the_next_pass(cluster: Cluster) -> N
     report = run(cluster)
     assert server.peek(key.encode()) is None
     assert (report.strays, report.deleted) == (len(moved), len(moved))  # counted once
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("inf"), float("nan"), True, "5"])
+def test_a_bad_rebalance_timeout_raises_before_anything_is_sent(timeout_s: object) -> None:
+    client = Client(["192.0.2.1:11211"], connect_timeout=0.01, timeout=0.01)
+    with pytest.raises(ArgumentError, match="timeout_s"):
+        client.rebalance(timeout_s=timeout_s)  # type: ignore[arg-type]  # a network attempt would fail otherwise
