@@ -101,7 +101,9 @@ def rebalance(
     ``dry_run`` only list and count them."""
     if type(batch) is not int or not 1 <= batch <= 10_000:
         raise ArgumentError(f"batch={batch!r}: an int, 1..10000")
-    if keys_per_s is not None and not (isinstance(keys_per_s, int | float) and keys_per_s > 0):
+    if keys_per_s is not None and (
+        isinstance(keys_per_s, bool) or not isinstance(keys_per_s, int | float) or not keys_per_s > 0
+    ):
         raise ArgumentError(f"keys_per_s={keys_per_s!r}: a positive number, or None for no limit")
     started = time.monotonic()
     topology = core.topology
@@ -157,7 +159,9 @@ def _listing(node: Node) -> Flow[list[DumpEntry]]:
     reply = yield Call(node, proto.stats(["items"]), Expect.STATS, "rebalance (stats items)")
     if type(reply) is ErrorReply:
         raise NodeError(f"memcached node {node.node_id}: stats items refused: {reply.message}", node.node_id)
-    classes = sorted({int(name.split(b":")[1]) for name in reply if name.endswith(b":number")})
+    # "items:<class>:number" for each slab class holding items (1..63); anything else is ignored
+    ids = [name.split(b":")[1] for name in reply if name.startswith(b"items:") and name.endswith(b":number")]
+    classes = sorted({int(i) for i in ids if i.isdigit() and len(i) <= 2 and 1 <= int(i) <= 63})
     entries: list[DumpEntry] = []
     for slab_class in classes:
         for _ in range(_BUSY_RETRIES):

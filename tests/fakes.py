@@ -79,6 +79,7 @@ class FakeServer:
         self.before: Callable[[bytes], None] | None = None  # runs before each command line
         self.refuse: set[bytes] = set()  # verbs answered with SERVER_ERROR
         self.crawler_busy = 0  # this many metadumps are answered BUSY first
+        self.extra_item_stats = b""  # more STAT lines in the reply to "stats items"
 
     # -- the test's view of the data --------------------------------------------------------------
 
@@ -187,7 +188,8 @@ class FakeServer:
             return b"MN\r\n"
         if verb == b"stats" and parts[1:] == [b"items"]:  # every item in slab class 1
             count = len(self.stored())
-            return (b"STAT items:1:number %d\r\n" % count if count else b"") + b"END\r\n"
+            mine = b"STAT items:1:number %d\r\n" % count if count else b""
+            return mine + self.extra_item_stats + b"END\r\n"
         if verb == b"lru_crawler" and parts[1] == b"metadump":
             if self.crawler_busy:
                 self.crawler_busy -= 1

@@ -163,7 +163,10 @@ def test_remap_after_scale_out_serves_no_pre_move_value(cluster: Cluster) -> Non
     assert all(value is None for value in served), served
 
 
-@pytest.mark.parametrize(("batch", "keys_per_s"), [(0, None), (10_001, None), (1.5, None), (10, 0), (10, -1)])
+@pytest.mark.parametrize(
+    ("batch", "keys_per_s"),
+    [(0, None), (10_001, None), (1.5, None), (10, 0), (10, -1), (10, True), (10, "5")],
+)
 def test_bad_arguments_raise_before_anything_is_sent(
     cluster: Cluster, batch: object, keys_per_s: object
 ) -> None:
@@ -204,3 +207,16 @@ def test_a_bad_rebalance_timeout_raises_before_anything_is_sent(timeout_s: objec
     client = Client(["192.0.2.1:11211"], connect_timeout=0.01, timeout=0.01)
     with pytest.raises(ArgumentError, match="timeout_s"):
         client.rebalance(timeout_s=timeout_s)  # type: ignore[arg-type]  # a network attempt would fail otherwise
+
+
+def test_slab_classes_a_server_should_not_name_are_not_listed(cluster: Cluster) -> None:
+    moved = scale_out(cluster, 0.0)
+    cluster.clock.advance(PINNED_WINDOW_S + 1)
+    server = cluster.servers["a:11211"]
+    server.extra_item_stats = (
+        b"STAT items:99:number 5\r\nSTAT items:0:number 1\r\nSTAT items:x:number 2\r\n"
+        b"STAT items:1:age 3\r\nSTAT other:2:number 4\r\n"
+    )
+    report = run(cluster)
+    assert report.failed_nodes == () and report.deleted == len(moved)
+    assert [line for line in server.sent(b"lru_crawler") if line != b"lru_crawler metadump 1"] == []
