@@ -179,16 +179,23 @@ class Connection:
 
     def receive(self) -> bool:
         """Read what has arrived into the parser; False if nothing was there after all."""
-        try:
-            data = self.sock.recv(_RECV)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
+        data = self.recv_some()
+        if data is None:
             return False
+        self.parser.feed(data)
+        return True
+
+    def recv_some(self) -> bytes | None:
+        """What has arrived (not given to the parser); None if nothing was there after all."""
+        try:
+            data: bytes = self.sock.recv(_RECV)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
+            return None
         except OSError as exc:
             raise self.failure(exc) from exc
         if not data:
             raise NodeUnavailableError(f"memcached node {self.node_id}: connection closed", self.node_id)
-        self.parser.feed(data)
-        return True
+        return data
 
     def wait(self, deadline: float | None, *, writing: bool = False) -> None:
         """Block until the socket is readable (or writable) or ``deadline`` passes."""

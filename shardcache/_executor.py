@@ -42,6 +42,7 @@ T = TypeVar("T")
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 _monotonic = time.monotonic
 _QUIET = Expect.NOOP
+_WHOLE_KINDS = frozenset((Expect.VALUES, Expect.CAS_VALUES, Expect.STATUS))  # what ReplyParser.whole reads
 _OWN_DEADLINE: Any = object()  # Executor.request outside a flow: from the executor's timeout
 
 
@@ -330,25 +331,37 @@ class Executor:
 class _Pending:
     """One node's side of a multiplexed call: what is left to send, the replies read so far."""
 
-    __slots__ = ("conn", "count", "node", "replies", "view")
+    __slots__ = ("conn", "count", "node", "replies", "single", "view")
 
     def __init__(
-        self, node: Node, conn: Connection, payload: bytes, expects: Sequence[tuple[int, bool]]
+        self, node: Node, conn: Connection, payload: bytes, expects: Sequence[tuple[Any, ...]]
     ) -> None:
         self.node = node
         self.conn = conn
         self.view = memoryview(payload)
         self.count = len(expects)
         self.replies: list[Any] = []
-        conn.parser.expect_many(expects)
+        # One get or status reply on an idle connection: expected only when its first bytes come,
+        # so that a reply which arrives whole is parsed in one piece (ReplyParser.whole).
+        self.single: tuple[int, bool, Any] | None = None
+        parser = conn.parser
+        if (
+            len(expects) == 1
+            and expects[0][0] in _WHOLE_KINDS
+            and not (conn.tls or parser.pending or parser.buffered)
+        ):
+            kind, data_block, *wanted = expects[0]
+            self.single = (kind, data_block, wanted[0] if wanted else None)
+            return
+        parser.expect_many(expects)
         if not expects:  # noreply requests: an mn keeps the connection in step, read by its next user
-            conn.parser.expect(Expect.NOOP)
+            parser.expect(Expect.NOOP)
             self.view = memoryview(payload + NOOP)
 
     def start(self) -> None:
         sent = self.conn.send_some(self.view)
         self.view = self.view[sent:]
-        if self.conn.parser.buffered:
+        if self.single is None and self.conn.parser.buffered:
             self._drain()  # replies already buffered from an earlier noreply's mn, if any
 
     def events(self) -> int:
@@ -363,10 +376,28 @@ class _Pending:
             sent = conn.send_some(self.view)
             self.view = self.view[sent:]
         if flags & _POLLIN and len(self.replies) < self.count:
+            if self.single is not None:
+                self._first_read()
+                return
             while conn.receive():
                 self._drain()
                 if not (conn.tls and conn.sock.pending()):
                     break
+
+    def _first_read(self) -> None:
+        """The first bytes of a single reply: parsed whole, or expected and fed as usual."""
+        data = self.conn.recv_some()
+        if data is None or self.single is None:
+            return
+        (kind, data_block, wanted), self.single = self.single, None
+        parser = self.conn.parser
+        reply = parser.whole(kind, data, wanted)
+        if reply is not None:
+            self.replies.append(reply)
+            return
+        parser.expect(kind, data_block, wanted)
+        parser.feed(data)
+        self._drain()
 
     def _drain(self) -> None:
         missing = self.count - len(self.replies)

@@ -174,15 +174,20 @@ class ReplyParser:
     def whole(self, kind: int, data: bytes, wanted: Any) -> Any:
         """The reply to a single request (``kind``, ``wanted`` as for :meth:`expect`) when it
         arrived whole in ``data`` and nothing else is pending or buffered: parsed at once, without
-        ``expect``/``feed``/``next``. Only a status line, or a one-key get/gets reply; None
-        (nothing consumed, the parser untouched) for anything else: the caller then expects and
-        feeds the usual way, whose checks read or refuse it."""
+        ``expect``/``feed``/``next``. Only a status line or a get/gets reply (``wanted``: the key,
+        or a container of the keys); None (nothing consumed, the parser untouched) for anything
+        else: the caller then expects and feeds the usual way, whose checks read or refuse it."""
         if self._expect or self._pos < len(self._buf) or self._ready is not None or self._need or self._skip:
             return None
         if kind == _STATUS:
             return _STATUS_REPLIES.get(data)
-        if type(wanted) is not bytes or kind not in (_VALUES, _CAS_VALUES):
+        if kind not in (_VALUES, _CAS_VALUES) or wanted is None:
             return None
+        if type(wanted) is not bytes:  # a get of several keys: the reply must be all of data
+            if not data.endswith(b"END\r\n"):
+                return None
+            found = parse_values(data, wanted, kind == _CAS_VALUES, self._max_value)
+            return found[0] if found is not None and found[1] == len(data) else None
         if data == b"END\r\n":
             return []
         if not (data.endswith(b"\r\nEND\r\n") and data.startswith(b"VALUE ")):

@@ -871,6 +871,11 @@ def test_whole_parses_a_single_reply_at_once_and_declines_anything_else() -> Non
     assert parser.whole(Expect.CAS_VALUES, b"VALUE k 0 1 77\r\nx\r\nEND\r\n", b"k") == [
         Value(b"k", 0, b"x", 77)
     ]
+    many = b"VALUE a 1 1\r\nx\r\nVALUE b 2 2\r\nyz\r\nEND\r\n"
+    assert parser.whole(Expect.VALUES, many, frozenset([b"a", b"b", b"c"])) == [
+        Value(b"a", 1, b"x", None),
+        Value(b"b", 2, b"yz", None),
+    ]
     declined = [
         (Expect.STATUS, b"STORED\r\nSTORED\r\n", None),  # two lines: not one reply
         (Expect.VALUES, b"VALUE j 0 1\r\nx\r\nEND\r\n", b"k"),  # another key
@@ -880,7 +885,9 @@ def test_whole_parses_a_single_reply_at_once_and_declines_anything_else() -> Non
         (Expect.VALUES, b"VALUE k 0 1\r\nx\r\n", b"k"),  # not whole
         (Expect.CAS_VALUES, b"VALUE k 0 1\r\nx\r\nEND\r\n", b"k"),  # no CAS
         (Expect.CAS_VALUES, b"VALUE k 0 1 18446744073709551616\r\nx\r\nEND\r\n", b"k"),  # CAS over 64 bits
-        (Expect.VALUES, b"VALUE k 0 1\r\nx\r\nEND\r\n", frozenset([b"k"])),  # only one-key gets
+        (Expect.VALUES, b"VALUE k 0 1\r\nx\r\nEND\r\nEND\r\n", frozenset([b"k"])),  # more than one reply
+        (Expect.VALUES, b"VALUE j 0 1\r\nx\r\nEND\r\n", frozenset([b"k"])),  # a key not asked for
+        (Expect.VALUES, b"VALUE k 0 1\r\nx\r\nEND\r\n", None),  # wanted unknown: the checking path
         (Expect.NUMBER, b"42\r\n", None),  # not a kind it reads
     ]
     for kind, data, wanted in declined:
