@@ -11,7 +11,9 @@ read as the sockets allow, so the nodes work at the same time, a large request n
 against a large reply, and the whole call is bounded by one deadline. (Reading the nodes' replies
 in turn would be cheaper, but a node that hangs would then hold back the replies of the others
 until the deadline, and a large one would not fit in its socket's buffer meanwhile: a frozen node
-would fail every node's part of a ``get_many``.)
+would fail every node's part of a ``get_many``.) A node's job of one get or status request on an
+idle connection is expected only when its first bytes come (``_Pending._first_read``), so a reply
+that arrives whole is parsed in one piece, as a single ``get``'s is.
 
 ``Executor.request`` is ``call`` outside a flow, with a deadline of its own: ``get`` and
 ``set``/``add``/... use it directly when only the key's owner is involved (``_commands.get_now``,
