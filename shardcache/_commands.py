@@ -25,7 +25,7 @@ from shardcache import _protocol as proto
 from shardcache._events import Events, report_failure
 from shardcache._flows import Call, Flow, Quiet
 from shardcache._options import Options
-from shardcache._protocol import ErrorReply, Expect, Oversized
+from shardcache._protocol import ErrorReply, Expect, Oversized, Value
 from shardcache._router import CallKind, Decision, Router
 from shardcache._topology import Node, Topology
 from shardcache._warmup import forget_previous, warm
@@ -129,20 +129,21 @@ class Core:
     def value_of(self, node: Node, key: Any, reply: Any, default: Any) -> Any:
         """What a one-key ``get`` returns for ``reply`` from ``node``: the value, or ``default``
         for a miss (or an error reply or an unreadable value if they do not raise: see
-        :meth:`refused`, :meth:`decode`). The hot path: :meth:`decode` written in."""
+        :meth:`refused`, :meth:`decode`). The hot path: a readable value without :meth:`decode`'s
+        frame, which handles everything else (as ``_batch.fetch`` does)."""
         if type(reply) is not list:
             self.refused(node, reply, "get", key, _READ)
             return default
         if not reply:
             return default
         item = reply[0]
-        try:
-            if type(item) is Oversized:
-                raise self._oversized(node, key, item)
-            return self.serde.deserialize(item.key, item.data, item.flags)
-        except Exception as exc:
-            self._undecodable(node, key, exc)
-            return default
+        if type(item) is Value:
+            try:
+                return self.serde.deserialize(item.key, item.data, item.flags)
+            except Exception:  # decode reads it again: it raises, or reports and misses
+                pass
+        value = self.decode(node, key, item)
+        return default if value is _MISSING else value
 
     def _oversized(self, node: Node | None, key: Any, item: Oversized) -> ValueTooLargeError:
         limit = self.options.max_item_size

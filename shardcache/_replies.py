@@ -188,6 +188,7 @@ class ReplyParser:
                 return None
             found = parse_values(data, wanted, kind == _CAS_VALUES, self._max_value)
             return found[0] if found is not None and found[1] == len(data) else None
+        # one key: not parse_values, whose loop costs a get ~15% more instructions (callgrind)
         if data == b"END\r\n":
             return []
         if not (data.endswith(b"\r\nEND\r\n") and data.startswith(b"VALUE ")):
