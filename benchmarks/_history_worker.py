@@ -175,10 +175,12 @@ def main() -> None:
     parser.add_argument("--apply-delay-s", type=float, default=0.0)
     parser.add_argument("--failover", default="fail_fast")
     parser.add_argument("--gutter", action="append", default=[])
+    parser.add_argument("--fleet-refresh-s", type=float, default=0.5, help="0: fleet fencing off")
     args = parser.parse_args()
     control = Path(args.dir) / "ring.json"
     _, servers = read_control(control)
-    options: dict[str, Any] = {"timeout": 0.5, "connect_timeout": 0.5, "failover": args.failover}
+    options: dict[str, Any] = {"timeout": 0.5, "connect_timeout": 0.5, "failover": args.failover,
+                               "fleet_refresh_s": args.fleet_refresh_s or None}  # fmt: skip
     if args.gutter:
         options["gutter_servers"] = args.gutter
     client = shardcache.Client(servers, **options)

@@ -72,6 +72,7 @@ class Config:
     failover: str = "fail_fast"
     stagger_s: float = 2.0
     think_ms: float = 2.0
+    fleet_refresh_s: float | None = 0.5  # the client's default; None: fleet fencing off
     backend: str = "process"
     out: str | None = None
 
@@ -141,6 +142,7 @@ class Run:
             "--threads", str(self.config.threads), "--deadline-ns", str(self.deadline_ns),
             "--seed", str(self.config.seed), "--think-ms", str(self.config.think_ms),
             "--apply-delay-s", f"{delay:.3f}", "--failover", self.config.failover,
+            "--fleet-refresh-s", str(self.config.fleet_refresh_s or 0),
         ]  # fmt: skip
         for spec in self.gutter:
             cmd += ["--gutter", spec]
@@ -306,6 +308,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, str | None]:
     p.add_argument("--failover", choices=("fail_fast", "remap", "gutter"), default="fail_fast")
     p.add_argument("--stagger-s", type=float, default=2.0, help="spread of the workers' ring changes")
     p.add_argument("--think-ms", type=float, default=2.0, help="mean pause between a thread's calls")
+    p.add_argument("--fleet-refresh-s", type=float, default=0.5, help="the clients' fleet_refresh_s (0: off)")
     p.add_argument("--out", help="run directory (default: a new temporary one, kept)")
     p.add_argument("--json", help="write the report as JSON to this file")
     a = p.parse_args(argv)
@@ -316,6 +319,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, str | None]:
     config = Config(
         seed=a.seed, duration_s=a.duration_s, processes=a.processes, threads=a.threads, nodes=a.nodes,
         nemesis=chosen, failover=a.failover, stagger_s=a.stagger_s, think_ms=a.think_ms, out=a.out,
+        fleet_refresh_s=a.fleet_refresh_s or None,
     )  # fmt: skip
     return config, a.json
 
@@ -330,7 +334,9 @@ def summarize(paths: Sequence[str]) -> int:
         found = ", ".join(f"{k} {n}" for k, n in sorted(data["violation_counts"].items())) or "none"
         explained = sum(data["explained_counts"].values())
         print(
-            f"{','.join(cfg['nemesis']) or '-':<58} {cfg['failover']:<9} {data['ops']:>7} "
+            f"{','.join(cfg['nemesis']) or '-':<58} "
+            f"{cfg['failover'] + ('' if cfg.get('fleet_refresh_s', 0.5) else '/nofleet'):<9} "
+            f"{data['ops']:>7} "
             f"{len(data['faults']):>6} {rate:>6.1%}  {found} ({explained})"
         )
     return 0

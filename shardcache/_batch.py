@@ -17,6 +17,7 @@ from pymemcache.client.base import STAT_TYPES
 from shardcache import _protocol as proto
 from shardcache._commands import _MISSING, CasToken, Core, refusal
 from shardcache._events import report_failure
+from shardcache._fleet import journal_plan
 from shardcache._flows import Each, Fanout, Flow, Job
 from shardcache._protocol import ErrorReply, Expect, Value
 from shardcache._router import CallKind, Plan
@@ -156,6 +157,8 @@ def set_many(
         yield from forget_previous(core, topology, _owners(core, hashed))
     kind = CallKind.REPLACING_WRITE
     plan = core.router.plan(topology, hashed, kind, "set_many")
+    if core.journal and plan.moved:
+        yield from journal_plan(topology, plan, hashed)
     jobs: dict[str, tuple[Node, Job]] = {}
     for node_id, group in plan.groups.items():
         moved = plan.moved
@@ -226,6 +229,8 @@ def delete_many(core: Core, keys: Any, noreply: bool | None) -> Flow[bool]:
         yield from forget_previous(core, topology, _owners(core, hashed))
     kind = CallKind.REPLACING_WRITE
     plan = core.router.plan(topology, hashed, kind, "delete_many")
+    if core.journal and plan.moved:
+        yield from journal_plan(topology, plan, hashed)
     jobs: dict[str, tuple[Node, Job]] = {}
     for node_id, group in plan.groups.items():
         payload = b"".join(proto.delete(w, noreply=noreply) for w in group)

@@ -23,6 +23,7 @@ from typing import Any, Final, NamedTuple
 
 from shardcache import _protocol as proto
 from shardcache._events import Events, report_failure
+from shardcache._fleet import recorded
 from shardcache._flows import Call, Flow, Quiet
 from shardcache._options import Options
 from shardcache._protocol import ErrorReply, Expect, Oversized, Value
@@ -79,7 +80,8 @@ class Core:
     """What every flow of one client shares: options, keys, serde, router, topology, events.
     Immutable apart from the topology reference it reads from ``membership``; thread-safe."""
 
-    __slots__ = ("events", "keys", "membership", "miss_on_error", "noreply", "options", "router", "serde")
+    __slots__ = ("events", "journal", "keys", "membership", "miss_on_error", "noreply", "options", "router",
+                 "serde")  # fmt: skip
 
     def __init__(self, options: Options, membership: Any, router: Router, events: Events) -> None:
         self.options = options
@@ -90,6 +92,7 @@ class Core:
         self.events = events
         self.miss_on_error = options.miss_on_error
         self.noreply = options.default_noreply
+        self.journal = membership.prober.fleet is not None  # writes on stand-ins are journaled
 
     @property
     def topology(self) -> Topology:
@@ -379,6 +382,9 @@ def store(
     if isinstance(cas, CasToken) and cas.node_id != target.node_id:
         return False  # a token only means something on the node that issued it
     what = command.decode()
+    journal = target is not owner and core.journal  # a write on a stand-in: journal it first
+    if journal and not (yield from recorded(core, owner, target, wire, key, what)):
+        return UNAVAILABLE
     try:
         if noreply:
             yield Quiet(target, payload, what, key)
@@ -429,6 +435,8 @@ def delete(core: Core, key: Any, noreply: bool | None) -> Flow[bool]:
             core.down(decision, "delete")
             return False
         target = decision.target
+        if core.journal and not (yield from recorded(core, owner, target, wire, key, "delete")):
+            return False
     try:
         if noreply:
             yield Quiet(target, proto.delete(wire, noreply=True), "delete", key)

@@ -16,6 +16,7 @@ from typing import Any
 
 from shardcache._conn import Connection, ConnectionSettings, NodePool
 from shardcache._events import Events, logger
+from shardcache._fleet import Fleet
 from shardcache._flows import Flow
 from shardcache._options import Options
 from shardcache._prober import Prober
@@ -48,7 +49,10 @@ class Membership:
         self._retiring: list[Node] = []  # nodes removed with a window: retired when it ends
         self._peers: dict[Any, str] = {}  # the address each node's first connection reached
         self.topology: Topology = Topology(ring, {})  # replaced below, once the prober exists
-        self.prober = Prober(lambda: self.topology, run, events)
+        refresh_s = options.fleet_refresh_s
+        stand_ins = options.failover != "fail_fast"  # under fail_fast nothing is written elsewhere
+        fleet = Fleet(refresh_s, clock=options.clock) if refresh_s is not None and stand_ins else None
+        self.prober = Prober(lambda: self.topology, run, events, fleet)
         nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
         gutter = {spec.node_id: self._make_node(spec) for spec in gutter_ring.specs} if gutter_ring else {}
         self.topology = Topology(ring, nodes, gutter_ring, gutter)
@@ -73,8 +77,13 @@ class Membership:
         return node
 
     def _connected(self, node_id: str, conn: Connection) -> None:
-        """Warn when two ring nodes reach the same server (``localhost:p`` and ``127.0.0.1:p``): each
-        would own its own share of the keys on one server, and failover could not tell them apart."""
+        """A new connection: make sure the prober runs if it reads the fleet's outage marks (here,
+        not in ``__init__``: no thread before the client is used, and one again in a forked child,
+        whose pools start empty). Warn when two ring nodes reach the same server (``localhost:p``
+        and ``127.0.0.1:p``): each would own its own share of the keys on one server, and failover
+        could not tell them apart."""
+        if self.prober.fleet is not None:
+            self.prober.start(wake=False)
         try:
             peer = conn.sock.getpeername()
         except OSError:
@@ -99,7 +108,8 @@ class Membership:
             failover = self._options.failover
             if failover != "fail_fast" or node.node_id in self.topology.gutter_nodes:
                 self._events.emit(Event("failover", node.node_id, f"{failover}: its keys go elsewhere"))
-            self.prober.start()
+            # the prober is woken by Node.report_failure (after it has asked for the outage to be
+            # published) or is the one that took the node down (another process's outage mark)
         elif new == UP:
             node.pool.close()  # connections from before the outage may be dead or out of step
             self._events.emit(Event("node_up", node.node_id, reason))

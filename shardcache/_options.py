@@ -66,6 +66,7 @@ class Options:
     failover_ttl_s: int = 60
     gutter_servers: tuple[NodeSpec, ...] = ()
     fence_max_keys: int = 100_000
+    fleet_refresh_s: float | None = 0.5
     discovery: Callable[[], Any] | None = None
     discovery_interval_s: float = 30.0
     discovery_warmup_s: float = 60.0
@@ -122,6 +123,11 @@ class Options:
         _seconds("pool_idle_timeout", self.pool_idle_timeout)
         _seconds("discovery_interval_s", self.discovery_interval_s, positive=True)
         _seconds("discovery_warmup_s", self.discovery_warmup_s)
+        _seconds("fleet_refresh_s", self.fleet_refresh_s, allow_none=True, positive=True)
+        if self.fleet_refresh_s is not None and not 0.05 <= self.fleet_refresh_s <= 60:
+            raise ConfigurationError(
+                f"fleet_refresh_s={self.fleet_refresh_s!r}: expected seconds in [0.05, 60], or None"
+            )
         _integer("max_pool_size", self.max_pool_size, minimum=1, allow_none=True)
         _integer("max_item_size", self.max_item_size, minimum=1024, maximum=1024**3)
         _integer("failover_ttl_s", self.failover_ttl_s, minimum=1, maximum=30 * 24 * 3600)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shardcache._events import Events
+from shardcache._fleet import Fleet
 from shardcache._flows import Call, Fanout, Flow, Probe
 from shardcache._protocol import ErrorReply, Expect, delete, flush_all
 from shardcache._topology import ForgetWork, Node, Topology
@@ -35,12 +36,24 @@ _IDLE_S = 0.5
 _PASSES = 5
 
 
-def probe_flow(node: Node, topology: Callable[[], Topology], events: Events) -> Flow[bool]:
-    """PROBING: ask for ``version``; if it answers, readmit the node, then fence it."""
+def probe_flow(
+    node: Node, topology: Callable[[], Topology], events: Events, fleet: Fleet | None = None
+) -> Flow[bool]:
+    """PROBING: ask for ``version``; if it answers, readmit the node, then fence it. With fleet
+    fencing, a node returning from an outage other processes saw is first kept out of use for a
+    while, then flushed (``Fleet.on_answered``)."""
     answer = yield Probe(node.spec)
     if isinstance(answer, NodeError):
         node.health.probe_failed(f"probe failed: {answer}")
         return False
+    if fleet is not None:
+        flushed_before = node.fleet_mark
+        wait = yield from fleet.on_answered(node, topology())
+        if wait > 0:
+            node.health.probe_later(wait, f"answers again; {node.fleet_mark}: flushed once it is out of use")
+            return False
+        if node.fleet_mark is not flushed_before and node.fleet_mark is not None:
+            events.emit(Event("fenced", node.node_id, f"flushed after an outage ({node.fleet_mark})"))
     node.health.readmit()
     node.retire_copies()  # no request stands in for it any more: its stand-ins' copies are stale
     return (yield from forget_flow(node, topology, events))
@@ -110,11 +123,16 @@ class Prober:
     """The prober thread of one client; thread-safe."""
 
     def __init__(
-        self, topology: Callable[[], Topology], run: Callable[[Flow[bool]], bool], events: Events
+        self,
+        topology: Callable[[], Topology],
+        run: Callable[[Flow[Any]], Any],
+        events: Events,
+        fleet: Fleet | None = None,
     ) -> None:
         self._topology = topology
         self._run = run
         self._events = events
+        self.fleet = fleet
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -133,10 +151,14 @@ class Prober:
             self._thread.start()
 
     def _loop(self) -> None:
+        fleet = self.fleet
         while not self._closed.is_set():
             self._wake.clear()
             waits: list[float] = []
-            busy = False
+            busy = fleet is not None  # the fleet's marks are read for as long as the client runs
+            if fleet is not None:
+                self._fleet_step(fleet)
+                waits.append(fleet.seconds_until_refresh())
             for node in list(self._topology().all_nodes()):
                 if self._closed.is_set():
                     return
@@ -144,7 +166,7 @@ class Prober:
                 if state == DOWN:
                     busy = True
                     if node.health.begin_probe():
-                        self._run(probe_flow(node, self._topology, self._events))
+                        self._run(probe_flow(node, self._topology, self._events, fleet))
                     due = node.health.seconds_until_probe()
                     if due is not None:
                         waits.append(due)
@@ -158,6 +180,16 @@ class Prober:
                         return
                 continue
             self._wake.wait(min([*waits, _IDLE_S]))
+
+    def _fleet_step(self, fleet: Fleet) -> None:
+        """Publish the outages this process saw, then read the fleet's marks if due. A failure
+        is the holders' (counted on their health by the executor): the next step tries again."""
+        try:
+            self._run(fleet.publish_pending(self._topology()))
+            if fleet.refresh_due():
+                self._run(fleet.refresh_flow(self._topology()))
+        except Exception:  # the prober thread must survive anything a step raises
+            logger.exception("shardcache: reading or publishing outage marks failed")
 
     def close(self) -> None:
         """Stop the thread (bounded wait); a later ``start`` runs it again."""

@@ -175,6 +175,11 @@ class KeyCodec:
         return wire[len(self.prefix) :]
 
 
+def valid_wire(wire: bytes) -> bool:
+    """True if ``wire`` can be sent as a key (no space, control byte or DEL; 1-250 bytes)."""
+    return 0 < len(wire) <= MAX_KEY_LENGTH and not _BAD_KEY_BYTE(wire)
+
+
 def _checked_wire(wire: object) -> bytes:
     """A wire key as :meth:`KeyCodec.wire` makes them, or ``KeyValidationError``."""
     if type(wire) is not bytes or not wire or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):

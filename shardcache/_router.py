@@ -116,7 +116,8 @@ class Router:
                 # never silently dropped
                 return Decision(None, owner, down=not kind.stand_in_ok)
             return Decision(owner, owner)
-        target = self.stand_in(topology, owner, hash_key) if kind.stand_in_ok else None
+        stand_in_ok = kind.stand_in_ok and owner.may_stand_in
+        target = self.stand_in(topology, owner, hash_key) if stand_in_ok else None
         if target is None:
             # A write that could not happen: the owner's old value must go, and so must older copies.
             return Decision(None, owner, down=True, fence=kind.writes, copy=kind.writes, count_failover=True)

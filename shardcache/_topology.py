@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from shardcache._conn import NodePool
 from shardcache.errors import NodeTimeoutError, NodeUnavailableError, ProtocolError
 from shardcache.health import UP, NodeHealth
 from shardcache.nodes import NodeSpec
 from shardcache.ring import Ring
+
+if TYPE_CHECKING:
+    from shardcache._fleet import Mark
 
 __all__ = ["FenceLog", "ForgetWork", "Node", "Topology"]
 
@@ -96,8 +99,9 @@ class Node:
     being removed and must not be read.
     """
 
-    __slots__ = ("_copies", "_fence", "_lock", "_removing", "_stale", "_wake", "errors", "failovers",
-                 "health", "node_id", "ops", "pool", "ready", "spec", "timeouts")  # fmt: skip
+    __slots__ = ("_copies", "_fence", "_journaled", "_lock", "_removing", "_stale", "_wake", "errors",
+                 "failovers", "fleet_mark", "fleet_publish", "fleet_returning_at", "health",
+                 "may_stand_in", "node_id", "ops", "pool", "ready", "spec", "timeouts")  # fmt: skip
 
     def __init__(
         self, spec: NodeSpec, pool: NodePool, health: NodeHealth, fence_limit: int, wake: Callable[..., None]
@@ -117,6 +121,15 @@ class Node:
         self._copies: dict[str, set[bytes]] = {}
         self._stale: dict[str, set[bytes]] = {}
         self._removing: dict[str, set[bytes]] = {}  # stale copies the prober is deleting now
+        # Fleet-wide fencing (``shardcache._fleet``): the newest outage mark this process knows for
+        # the node, whether it must publish one (it marked the node down itself), when it learnt
+        # the node was returning, and whether stand-ins may serve its keys while it is away (not
+        # once another process may be using it again, or is about to flush it).
+        self.fleet_mark: Mark | None = None
+        self.fleet_publish = False
+        self.fleet_returning_at: float | None = None
+        self.may_stand_in = True
+        self._journaled: dict[str, set[bytes]] = {}  # keys in its journal, per stand-in, this outage
 
     # -- reports from the request path ------------------------------------------------------------
 
@@ -142,8 +155,10 @@ class Node:
             self.errors += 1
             if isinstance(err, NodeTimeoutError):
                 self.timeouts += 1
-        if transport:
-            self.health.record_failure(str(err))
+        if transport and self.health.record_failure(str(err)):
+            self.may_stand_in = True  # this process saw it fail: its outage is to be published
+            self.fleet_publish = True
+            self._wake()
         return transport
 
     def counters(self) -> dict[str, int]:
@@ -226,13 +241,31 @@ class Node:
             self._stale.setdefault(stand_in.node_id, set()).add(wire)
         self._wake()
 
+    def journaled(self, holder_id: str, wire: bytes) -> bool:
+        """True if ``wire`` is in this node's journal on ``holder_id`` already (this outage)."""
+        listed = self._journaled.get(holder_id)
+        return listed is not None and wire in listed
+
+    def record_journaled(self, holder_id: str, wires: list[bytes]) -> None:
+        with self._lock:
+            listed = self._journaled.setdefault(holder_id, set())
+            if len(listed) < self._fence.limit:
+                listed.update(wires)
+
     def retire_copies(self) -> None:
         """The node is back: no request stands in for it any more, so its stand-ins' copies are
-        stale (removed next, never read meanwhile)."""
+        stale (removed next, never read meanwhile), and its journals are being cleaned."""
         with self._lock:
+            self._journaled = {}
             for holder, wires in self._copies.items():
                 self._stale.setdefault(holder, set()).update(wires)
             self._copies = {}
+
+    def forget_flushed(self) -> None:
+        """The node was flushed: nothing recorded in its fence log is on it any more."""
+        with self._lock:
+            self._fence = FenceLog(self._fence.limit)
+            self._refresh_ready()
 
     def has_work(self) -> bool:
         return bool(self._fence) or bool(self._stale)

@@ -178,6 +178,38 @@ class NodeHealth:
             self._on_change(old, DOWN, reason)
         return True
 
+    def force_down(self, reason: str) -> bool:
+        """UP -> DOWN because another process saw the node fail (its outage mark): no failure is
+        counted here, and the first probe waits ``retry_interval_s`` (jittered). True if it was UP."""
+        with self._lock:
+            if self.state != UP:
+                return False
+            self.failures = 0
+            self.next_probe_at = self._clock() + self._jittered(self.policy.retry_interval_s)
+            self.state = DOWN
+            self.state_changes += 1
+        if self._on_change is not None:
+            self._on_change(UP, DOWN, reason)
+        return True
+
+    def probe_soon(self) -> None:
+        """DOWN: probe now (the node was flushed and marked clean by another process)."""
+        with self._lock:
+            if self.state == DOWN:
+                self.next_probe_at = self._clock()
+
+    def probe_later(self, seconds: float, reason: str) -> None:
+        """PROBING -> DOWN after a probe that answered, when the node may not be readmitted yet (it
+        is returning from an outage other processes saw): probe again in ``seconds``, no backoff."""
+        with self._lock:
+            if self.state != PROBING:
+                return
+            self.next_probe_at = self._clock() + seconds
+            self.state = DOWN
+            self.state_changes += 1
+        if self._on_change is not None:
+            self._on_change(PROBING, DOWN, reason)
+
     def probe_due(self) -> bool:
         """True if the node is DOWN and its backoff has elapsed."""
         return self.state == DOWN and self._clock() >= self.next_probe_at

@@ -20,8 +20,8 @@ from typing import Any
 from unittest import mock
 from urllib.parse import quote_from_bytes
 
+from shardcache import _batch, _membership
 from shardcache import _commands as cmd
-from shardcache import _membership
 from shardcache._commands import Core
 from shardcache._conn import ConnectionSettings
 from shardcache._events import Events, report_failure
@@ -429,8 +429,12 @@ class ManualProber(Prober):
 class Cluster:
     """A client's pieces over fake servers: what ``Client.__init__`` wires, minus sockets and threads."""
 
-    def __init__(self, servers: Iterable[str], **options: Any) -> None:
-        self.clock = FakeClock()
+    def __init__(self, servers: Iterable[str], *, share: Cluster | None = None, **options: Any) -> None:
+        """``share``: another Cluster whose servers and clock this one uses (a second process).
+        Fleet fencing is off unless ``fleet_refresh_s`` is given: most tests here are about one
+        process's own fence log."""
+        self.clock = FakeClock() if share is None else share.clock
+        options.setdefault("fleet_refresh_s", None)
         self.options = Options.parse(clock=self.clock, **options)
         opts = self.options
         ring = Ring(list(servers), hashing=opts.hashing)
@@ -444,6 +448,8 @@ class Cluster:
         )  # fmt: skip
         ids = [*ring.nodes, *(gutter_ring.nodes if gutter_ring else ())]
         self.servers = {node_id: FakeServer(node_id, self.clock) for node_id in ids}
+        if share is not None:
+            self.servers = share.servers
         self.executor = FakeExecutor(self.servers, self.events, self.clock)
         with mock.patch.object(_membership, "Prober", ManualProber):
             self.membership = Membership(
@@ -513,10 +519,15 @@ class Cluster:
         """What one pass of the prober thread does: probe DOWN nodes that are due, make UP nodes
         forget what they must."""
         topology = self.membership.topology
+        fleet = self.membership.prober.fleet
+        if fleet is not None:  # as Prober._fleet_step
+            self.run(fleet.publish_pending(topology))
+            if fleet.refresh_due():
+                self.run(fleet.refresh_flow(topology))
         for node in list(topology.all_nodes()):
             if node.health.state == DOWN:
                 if node.health.begin_probe():
-                    self.run(probe_flow(node, lambda: self.membership.topology, self.events))
+                    self.run(probe_flow(node, lambda: self.membership.topology, self.events, fleet))
             elif node.health.state == UP and node.has_work():
                 self.run(forget_flow(node, lambda: self.membership.topology, self.events))
 
@@ -550,3 +561,9 @@ class Cluster:
         return self.run(
             cmd.counter(self.core, key, delta, decr=False, noreply=False, initial=initial, expire=0)
         )
+
+    def set_many(self, values: dict[str, Any], expire: int = 0) -> list[Any]:
+        return self.run(_batch.set_many(self.core, values, expire, None, None))  # type: ignore[no-any-return]
+
+    def delete_many(self, keys: list[str]) -> bool:
+        return bool(self.run(_batch.delete_many(self.core, keys, None)))

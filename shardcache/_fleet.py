@@ -1,0 +1,409 @@
+"""Fleet-wide rejoin fencing: outage marks that every process sees, kept on the other nodes.
+
+The per-process fence log (``_topology.FenceLog``) makes a returning node forget the keys *this
+process* wrote elsewhere while it was away. It cannot help a process that never noticed the
+outage, nor survive the death of the process that wrote: prefork servers recycle workers all the
+time. This module is the fleet-wide half (docs/consistency.md, "Processes").
+
+**Marks.** For each node N there is one *mark*, ``(generation, stage)``, stored under a reserved
+key (:func:`mark_key`) on every *other* node, so a reader finds it even while N is down. Stages,
+in order: ``DOWN`` (someone saw N fail), ``RETURNING`` (someone saw N answer again; no process may
+use N, nor stand in for it, until it is flushed), ``CLEAN`` (N was flushed after that outage).
+Marks are ordered by ``(generation, stage)``; a process keeps the highest it has seen per node
+and never goes back. A generation is the wall clock in milliseconds when the outage was first
+published, and always above every generation the publisher has seen.
+
+**Who does what** (each process, on its prober thread):
+
+- it marks N down itself (``failure_threshold`` failed calls): it publishes ``DOWN(g)``;
+- every ``refresh_s`` it reads every node's mark from three nodes (one round trip) and
+  applies the newest: ``DOWN`` takes N out of its ring view (stand-ins may serve N's keys);
+  ``RETURNING`` too, but stand-ins may not (N's keys miss); ``CLEAN`` makes its next probe due;
+- it writes or deletes one of N's keys on a stand-in: first it appends the key to N's *journal*
+  (:func:`journal_key`) on that stand-in (``add`` then ``append``, one round trip, once per key
+  and stand-in per outage); if the journal cannot take it (memcached's item size limit), the write
+  is refused: no acknowledged write on a stand-in goes unrecorded;
+- its probe finds N answering: if N's latest mark is ``CLEAN`` (or there is none), N is readmitted;
+  if ``DOWN(g)``, it publishes ``RETURNING(g)`` and waits ``settle_s`` (two refresh periods and a
+  margin), so that every process has stopped writing N's keys to stand-ins; then it *cleans* N:
+  reads N's journals from every other node, deletes the keys listed on N (their value there is
+  from before the outage) and on the stand-ins (their copies must not be read in a later
+  outage), deletes the journals, publishes ``CLEAN(g)`` and readmits N. Others readmit N on their
+  next probe. Keys never written elsewhere keep their values: counters and locks (never on a
+  stand-in) survive an outage. If a node that may hold a journal is not ready, N is flushed
+  instead (its journal there cannot be read).
+
+So a value N held before an outage that any process saw is never served after N returns, whether
+or not the processes that wrote elsewhere are alive; a process that saw nothing serves N's old
+values for at most ``refresh_s`` after the outage was published (then it treats N as away too).
+The cost: one extra round trip per key first written on a stand-in in an outage, and a
+returning node's keys miss for about ``settle_s``. Fleet fencing runs under ``remap`` and
+``gutter`` only: under ``fail_fast`` nothing is ever written elsewhere.
+
+Everything here is pure decisions plus flows (``refresh_flow``, ``publish_flow``,
+``on_answered``): the executor that runs the prober does the I/O.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final, NamedTuple, Protocol
+
+import mmh3
+
+from shardcache._events import Events
+from shardcache._flows import Call, Fanout, Flow
+from shardcache._protocol import Expect, delete, flush_all, retrieve, store, valid_wire
+from shardcache._reply_items import Value
+from shardcache._router import Plan
+from shardcache._topology import Node, Topology
+from shardcache.errors import NodeError, NodeUnavailableError
+from shardcache.health import UP, Event
+
+__all__ = [
+    "CLEAN", "DOWN", "RETURNING", "Fleet", "Mark", "clean_flow", "decode_mark", "encode_mark",
+    "journal_flow", "journal_key", "journal_plan", "mark_key", "recorded",
+]  # fmt: skip
+
+DOWN: Final = 0
+RETURNING: Final = 1
+CLEAN: Final = 2
+_STAGE_NAMES: Final = {DOWN: "down", RETURNING: "returning", CLEAN: "clean"}
+
+MARK_PREFIX: Final = b"shardcache.fleet."  # reserved: never a key under a client's key_prefix
+JOURNAL_PREFIX: Final = b"shardcache.fleet.j."
+_CHUNK: Final = 1000  # deletes per round trip when cleaning
+_MARK_TTL_S: Final = 7 * 24 * 3600  # generations are wall-clock based: an expired mark loses nothing
+_MARK_RE: Final = re.compile(rb"([0-9]{1,19}) ([012])")
+_READERS: Final = 3  # holders read per refresh: one may be the node itself, one restarted empty
+
+
+class Mark(NamedTuple):
+    """One node's outage mark; ordered by generation, then stage."""
+
+    gen: int
+    stage: int
+
+    def __str__(self) -> str:
+        return f"{_STAGE_NAMES[self.stage]} (outage {self.gen})"
+
+
+def _node_hash(node_id: str) -> bytes:
+    return b"%032x" % mmh3.hash128(node_id.encode("utf-8", "surrogatepass"), signed=False)
+
+
+def mark_key(node_id: str) -> bytes:
+    """The reserved key holding ``node_id``'s mark (a hash: node ids may hold any character)."""
+    return MARK_PREFIX + _node_hash(node_id)
+
+
+def journal_key(node_id: str) -> bytes:
+    """The reserved key listing the keys written in ``node_id``'s place on a stand-in."""
+    return JOURNAL_PREFIX + _node_hash(node_id)
+
+
+def encode_mark(mark: Mark) -> bytes:
+    return b"%d %d" % (mark.gen, mark.stage)
+
+
+def decode_mark(data: bytes) -> Mark | None:
+    """A mark, or None for anything else (a hostile or foreign value is ignored, not trusted)."""
+    found = _MARK_RE.fullmatch(data)
+    return None if found is None else Mark(int(found.group(1)), int(found.group(2)))
+
+
+class Fleet:
+    """The fleet-wide rejoin fencing of one client; thread-safe (run by its prober thread).
+
+    ``refresh_s``: how often marks are read; ``settle_s``: how long a returning node stays out of
+    use before it is flushed. ``clock`` is monotonic; ``wall`` (seconds since the epoch) only
+    makes generations.
+    """
+
+    def __init__(
+        self,
+        refresh_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.refresh_s = refresh_s
+        self.settle_s = 2 * refresh_s + 0.2
+        self._clock = clock
+        self._wall = wall
+        self._offset = (rng or random.Random()).randrange(1 << 30)  # spreads readers over holders
+        self._next_refresh = float("-inf")
+        self._lock = threading.Lock()
+
+    # -- reading marks ----------------------------------------------------------------------------
+
+    def refresh_due(self) -> bool:
+        return self._clock() >= self._next_refresh
+
+    def seconds_until_refresh(self) -> float:
+        return max(0.0, self._next_refresh - self._clock())
+
+    def refresh_flow(self, topology: Topology) -> Flow[bool]:
+        """Read every node's mark from three ready nodes and apply the newest; False if none answered."""
+        self._next_refresh = self._clock() + self.refresh_s
+        nodes = list(topology.all_nodes())
+        holders = sorted((n for n in nodes if n.ready), key=lambda n: n.node_id)
+        if not holders or len(nodes) < 2:
+            return False
+        start = self._offset % len(holders)
+        chosen = [holders[(start + i) % len(holders)] for i in range(min(_READERS, len(holders)))]
+        keys = {mark_key(node.node_id): node for node in nodes}
+        payload = retrieve(sorted(keys))
+        jobs = {h.node_id: (h, (payload, [(Expect.VALUES, False)])) for h in chosen}
+        results = yield Fanout(jobs, "read outage marks")
+        newest: dict[str, Mark] = {}
+        answered = False
+        for holder_id, result in results.items():
+            if isinstance(result, NodeError) or not isinstance(result, list):
+                continue
+            answered = True
+            for item in result[0] if result and isinstance(result[0], list) else ():
+                node = keys.get(item.key) if isinstance(item, Value) else None
+                mark = decode_mark(item.data) if node is not None else None
+                if node is None or mark is None or node.node_id == holder_id:
+                    continue  # a node never holds its own mark: one it has is from before a restart
+                if node.node_id not in newest or mark > newest[node.node_id]:
+                    newest[node.node_id] = mark
+        for node in nodes:
+            mark = newest.get(node.node_id)
+            if mark is not None:
+                self.apply(node, mark)
+        return answered
+
+    def apply(self, node: Node, mark: Mark) -> bool:
+        """Take ``mark`` into account if it is newer than what this process knows; True if it was."""
+        with self._lock:
+            seen = node.fleet_mark
+            if seen is not None and mark <= seen:
+                return False
+            node.fleet_mark = mark
+            if mark.stage == RETURNING:
+                node.fleet_returning_at = self._clock()
+        if mark.stage == DOWN:
+            node.may_stand_in = True
+            if node.health.state == UP:
+                node.health.force_down(f"another process saw it fail ({mark})")
+        elif mark.stage == RETURNING:
+            node.may_stand_in = False  # a stand-in's copy would be newer than the flushed node
+            if node.health.state == UP:
+                node.health.force_down(f"returning after an outage ({mark}): out of use until flushed")
+        else:
+            node.may_stand_in = False  # flushed: whoever still has it down must miss, not stand in
+            node.health.probe_soon()
+        return True
+
+    # -- writing marks ----------------------------------------------------------------------------
+
+    def observed_down(self, node: Node) -> None:
+        """This process marked ``node`` down: stand-ins may serve it; publish the outage next."""
+        node.may_stand_in = True
+        node.fleet_publish = True
+
+    def publish_pending(self, topology: Topology) -> Flow[None]:
+        """Publish ``DOWN`` for every node this process marked down since the last step."""
+        pending = [node for node in topology.all_nodes() if node.fleet_publish]
+        if not pending:
+            return
+        yield from self.refresh_flow(topology)  # the newest generation, before making a new one
+        for node in pending:
+            node.fleet_publish = False
+            seen = node.fleet_mark
+            if seen is not None and seen.stage == DOWN:
+                continue  # the fleet knows already: one outage, one generation
+            gen = max(int(self._wall() * 1000), 0 if seen is None else seen.gen + 1)
+            mark = Mark(gen, DOWN)
+            self.apply(node, mark)
+            yield from self.publish_flow(topology, node, mark)
+
+    def publish_flow(self, topology: Topology, node: Node, mark: Mark) -> Flow[int]:
+        """Write ``node``'s mark on every other ready node; how many took it."""
+        holders = [other for other in topology.all_nodes() if other is not node and other.ready]
+        if not holders:
+            return 0
+        payload = store(b"set", mark_key(node.node_id), encode_mark(mark), 0, _MARK_TTL_S)
+        jobs = {h.node_id: (h, (payload, [(Expect.STATUS, True)])) for h in holders}
+        results = yield Fanout(jobs, f"publish outage mark of {node.node_id}")
+        return sum(1 for r in results.values() if isinstance(r, list) and r == [b"STORED"])
+
+    # -- readmission ------------------------------------------------------------------------------
+
+    def on_answered(self, node: Node, topology: Topology) -> Flow[float]:
+        """``node`` answered a probe: 0.0 if it may be readmitted now, else seconds to wait before
+        probing again (it is returning; the flush comes once every process has stopped using it)."""
+        yield from self.refresh_flow(topology)
+        seen = node.fleet_mark
+        if seen is None or seen.stage == CLEAN:
+            return 0.0
+        if seen.stage == DOWN:
+            returning = Mark(seen.gen, RETURNING)
+            self.apply(node, returning)
+            yield from self.publish_flow(topology, node, returning)
+            return self.settle_s
+        waited = self._clock() - (node.fleet_returning_at or self._clock())
+        if waited < self.settle_s:
+            return self.settle_s - waited
+        if not (yield from clean_flow(node, topology)):
+            return self.refresh_s
+        clean = Mark(seen.gen, CLEAN)
+        self.apply(node, clean)
+        yield from self.publish_flow(topology, node, clean)
+        return 0.0
+
+
+# -- journals ---------------------------------------------------------------------------------------
+
+
+def journal_flow(entries: Iterable[tuple[Node, Node, bytes]]) -> Flow[set[bytes]]:
+    """Record ``(owner, stand-in, wire)``: the wire is about to be written on the stand-in in the
+    owner's place. One round trip to each stand-in; the wires recorded (or recorded earlier in
+    this outage). A wire not returned must not be written there."""
+    done: set[bytes] = set()
+    todo: dict[str, tuple[Node, dict[str, list[bytes]]]] = {}
+    for owner, stand_in, wire in entries:
+        if owner.journaled(stand_in.node_id, wire):
+            done.add(wire)
+        else:
+            todo.setdefault(stand_in.node_id, (stand_in, {}))[1].setdefault(owner.node_id, []).append(wire)
+    if not todo:
+        return done
+    owners = {owner.node_id: owner for owner, _, _ in entries}
+    jobs = {}
+    for holder_id, (holder, by_owner) in todo.items():
+        payload = b"".join(
+            store(b"add", journal_key(owner_id), b"", 0, 0)
+            + store(b"append", journal_key(owner_id), b" ".join(wires) + b" ", 0, 0)
+            for owner_id, wires in by_owner.items()
+        )
+        jobs[holder_id] = (holder, (payload, [(Expect.STATUS, True)] * (2 * len(by_owner))))
+    results = yield Fanout(jobs, "journal stand-in writes")
+    for holder_id, (_, by_owner) in todo.items():
+        replies = results.get(holder_id)
+        if not isinstance(replies, list):
+            continue
+        for i, (owner_id, wires) in enumerate(by_owner.items()):
+            if replies[2 * i + 1] == b"STORED":
+                owners[owner_id].record_journaled(holder_id, wires)
+                done.update(wires)
+    return done
+
+
+class Reporter(Protocol):
+    """What :func:`recorded` needs of the client's core."""
+
+    events: Events
+
+    def swallowed(self, err: BaseException, *, reading: bool) -> bool: ...
+
+
+def recorded(core: Reporter, owner: Node, stand_in: Node, wire: bytes, key: Any, what: str) -> Flow[bool]:
+    """Before one write of ``owner``'s key on ``stand_in``: journal it. False (after raising,
+    unless ``on_error="miss"``) if the journal could not take it: the write must not be made."""
+    if wire in (yield from journal_flow([(owner, stand_in, wire)])):
+        return True
+    err = NodeUnavailableError(
+        f"memcached node {owner.node_id} is down and stand-in {stand_in.node_id} could not journal "
+        f"the {what} (unreachable, or the journal is full): not written",
+        owner.node_id,
+    )
+    core.events.emit(Event("error", owner.node_id, str(err), err, key))
+    if not core.swallowed(err, reading=False):
+        raise err
+    return False
+
+
+def journal_plan(topology: Topology, plan: Plan, hashed: Iterable[tuple[Any, bytes, bytes]]) -> Flow[None]:
+    """Before a multi-key write: journal the keys ``plan`` sends to stand-ins. Those the journal
+    could not take are dropped from the plan (not written) and their owner is added to
+    ``plan.down``, so the call reports them as it reports keys of a node that is down."""
+    moved = plan.moved
+    owners = {wire: topology.owner(hash_key) for _, hash_key, wire in hashed if wire in moved}
+    groups = plan.groups
+    entries = [(owners[w], plan.targets[t], w) for t, group in groups.items() for w in group if w in owners]
+    done = yield from journal_flow(entries)
+    for target_id, group in list(plan.groups.items()):
+        for wire in [w for w in group if w in owners and w not in done]:
+            del group[wire]
+            owner = owners[wire]
+            plan.down.setdefault(
+                owner.node_id,
+                NodeUnavailableError(
+                    f"memcached node {owner.node_id} is down and stand-in {target_id} could not journal "
+                    "the write (unreachable, or the journal is full): not written",
+                    owner.node_id,
+                ),
+            )
+        if not group:
+            del plan.groups[target_id], plan.targets[target_id]
+
+
+def _journal_wires(data: bytes) -> set[bytes]:
+    """The keys a journal lists; anything that is not a valid key is dropped, never sent back."""
+    return {wire for wire in data.split(b" ") if valid_wire(wire)}
+
+
+def clean_flow(node: Node, topology: Topology) -> Flow[bool]:
+    """Make returning ``node`` forget every key written elsewhere in its place, as its journals on
+    the other nodes list them, and remove those copies and journals; flush it instead if a journal
+    cannot be read (a node that may hold one is down). False if it could not be done."""
+    others = [other for other in topology.all_nodes() if other is not node]
+    key = journal_key(node.node_id)
+    read = {
+        o.node_id: (o, (retrieve([key]), [(Expect.VALUES, False)])) for o in others if o.health.state == UP
+    }
+    results = (yield Fanout(read, "read journals")) if read else {}
+    journals: dict[str, set[bytes]] = {}
+    for holder_id, result in results.items():
+        if isinstance(result, list):
+            items = result[0] if result and isinstance(result[0], list) else []
+            journals[holder_id] = set().union(
+                *(_journal_wires(v.data) for v in items if isinstance(v, Value))
+            )
+    if len(journals) < len(others):  # a journal that cannot be read: forget everything
+        try:
+            reply = yield Call(
+                node, flush_all(0), Expect.OK, "flush after an outage (a journal is unreadable)"
+            )
+        except NodeError:
+            return False
+        if reply != b"OK":
+            return False
+        node.forget_flushed()
+        return True  # the copies stay on the stand-ins, recorded in their journals, until their TTL
+    forget = {node.node_id: (node, sorted(set().union(*journals.values())))}
+    if not (yield from _delete_all(forget, "clean after an outage"))[node.node_id]:
+        return False
+    copies = {
+        holder_id: (holder, [*sorted(listed), key])
+        for holder_id, listed in journals.items()
+        if listed and (holder := topology.node(holder_id)) is not None
+    }
+    yield from _delete_all(copies, "remove stand-in copies")  # best effort: what is left expires
+    return True
+
+
+def _delete_all(work: dict[str, tuple[Node, list[bytes]]], what: str) -> Flow[dict[str, bool]]:
+    """Delete each node's keys, ``_CHUNK`` per round trip, all nodes at once; which nodes did."""
+    done = {node_id: True for node_id in work}
+    for start in range(0, max((len(wires) for _, wires in work.values()), default=0), _CHUNK):
+        jobs = {}
+        for node_id, (node, wires) in work.items():
+            chunk = wires[start : start + _CHUNK]
+            if chunk and done[node_id]:
+                jobs[node_id] = (
+                    node,
+                    (b"".join(delete(w) for w in chunk), [(Expect.STATUS, False)] * len(chunk)),
+                )
+        results = (yield Fanout(jobs, what)) if jobs else {}
+        for node_id, result in results.items():
+            done[node_id] = done[node_id] and isinstance(result, list)
+    return done
