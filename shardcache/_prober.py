@@ -1,12 +1,16 @@
 """The prober: brings DOWN nodes back, and makes returning nodes forget what changed meanwhile.
 
 One daemon thread per client, started when a node goes down or has keys to forget, and stopped by
-itself when there is nothing left to do. For each node:
+itself when there is nothing left to do; with fleet-wide fencing (``shardcache._fleet``) it runs
+for as long as the client is used (started by its first connection, and again in a forked child),
+and each pass first publishes the outages this process saw and reads the fleet's outage marks
+every ``fleet_refresh_s``. For each node:
 
 - DOWN, backoff elapsed: probe it (``version`` on a new connection). If it answers it is
   readmitted at once, so requests stop standing in for it, then fenced (below); until its fence
   log is empty it is not ``ready`` and reads of the keys still to forget miss. If the probe fails
-  the backoff doubles.
+  the backoff doubles. With fleet fencing, a node returning from an outage the fleet knows of is
+  first kept out of use, then cleaned of what its journals list (``Fleet.on_answered``).
 - UP with keys to forget: delete them on it (or flush it, past ``fence_max_keys``), and delete the
   copies its stand-ins took during the outage. A pass that fails counts as one transport failure.
 
