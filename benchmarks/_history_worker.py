@@ -184,6 +184,12 @@ def main() -> None:
     if args.gutter:
         options["gutter_servers"] = args.gutter
     client = shardcache.Client(servers, **options)
+
+    def trace(event: shardcache.Event) -> None:  # node life, for reading a violation's context
+        if event.kind != "error":
+            print(f"{time.monotonic_ns()} {event.kind} {event.node_id} {event.detail}", flush=True)
+
+    client.add_listener(trace)
     worker = Worker(args, client)
     threads = [
         threading.Thread(target=worker.run_thread, args=(i,), name=f"{args.name}-{i}", daemon=True)

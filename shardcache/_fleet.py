@@ -20,9 +20,10 @@ published, and always above every generation the publisher has seen.
   applies the newest: ``DOWN`` takes N out of its ring view (stand-ins may serve N's keys);
   ``RETURNING`` too, but stand-ins may not (N's keys miss); ``CLEAN`` makes its next probe due;
 - it writes or deletes one of N's keys on a stand-in: first it appends the key to N's *journal*
-  (:func:`journal_key`) on that stand-in (``add`` then ``append``, one round trip, once per key
-  and stand-in per outage); if the journal cannot take it (memcached's item size limit), the write
-  is refused: no acknowledged write on a stand-in goes unrecorded;
+  (:func:`journal_key`) on that stand-in and on the stand-in's *buddy* (the next node by id), so
+  one node restarting empty loses no entry (``add`` then ``append``, one round trip, once per key
+  and stand-in per outage); if the journal cannot take it (unreachable, or memcached's item size
+  limit), the write is refused: no acknowledged write on a stand-in goes unrecorded;
 - its probe finds N answering: if N's latest mark is ``CLEAN`` (or there is none), N is readmitted;
   if ``DOWN(g)``, it publishes ``RETURNING(g)`` and waits ``settle_s`` (two refresh periods and a
   margin), so that every process has stopped writing N's keys to stand-ins; then it *cleans* N:
@@ -30,8 +31,8 @@ published, and always above every generation the publisher has seen.
   from before the outage) and on the stand-ins (their copies must not be read in a later
   outage), deletes the journals, publishes ``CLEAN(g)`` and readmits N. Others readmit N on their
   next probe. Keys never written elsewhere keep their values: counters and locks (never on a
-  stand-in) survive an outage. If a node that may hold a journal is not ready, N is flushed
-  instead (its journal there cannot be read).
+  stand-in) survive an outage. If two other nodes are down, an entry may be on neither: N waits
+  for them, out of use, for up to a minute, then is flushed instead.
 
 So a value N held before an outage that any process saw is never served after N returns, whether
 or not the processes that wrote elsewhere are alive; a process that saw nothing serves N's old
@@ -77,6 +78,9 @@ _STAGE_NAMES: Final = {DOWN: "down", RETURNING: "returning", CLEAN: "clean"}
 MARK_PREFIX: Final = b"shardcache.fleet."  # reserved: never a key under a client's key_prefix
 JOURNAL_PREFIX: Final = b"shardcache.fleet.j."
 _CHUNK: Final = 1000  # deletes per round trip when cleaning
+# A returning node whose journals cannot be read (two other nodes down) waits this long for them,
+# out of use, then is flushed: its counters and locks are lost, but it serves again.
+_MAX_CLEAN_WAIT_S: Final = 60.0
 _MARK_TTL_S: Final = 7 * 24 * 3600  # generations are wall-clock based: an expired mark loses nothing
 _MARK_RE: Final = re.compile(rb"([0-9]{1,19}) ([012])")
 _READERS: Final = 3  # holders read per refresh: one may be the node itself, one restarted empty
@@ -252,7 +256,8 @@ class Fleet:
         waited = self._clock() - (node.fleet_returning_at or self._clock())
         if waited < self.settle_s:
             return self.settle_s - waited
-        if not (yield from clean_flow(node, topology)):
+        give_up = waited >= self.settle_s + _MAX_CLEAN_WAIT_S
+        if not (yield from clean_flow(node, topology, give_up=give_up)):
             return self.refresh_s
         clean = Mark(seen.gen, CLEAN)
         self.apply(node, clean)
@@ -263,20 +268,37 @@ class Fleet:
 # -- journals ---------------------------------------------------------------------------------------
 
 
-def journal_flow(entries: Iterable[tuple[Node, Node, bytes]]) -> Flow[set[bytes]]:
+def _buddies(topology: Topology, owner: Node) -> dict[str, Node | None]:
+    """For each node that may stand in for ``owner``: the second node its journal entries go to
+    (the next node by id, other than ``owner``), so that one node restarting empty loses none."""
+    others = sorted((n for n in topology.all_nodes() if n is not owner), key=lambda n: n.node_id)
+    if len(others) < 2:
+        return {n.node_id: None for n in others}
+    return {n.node_id: others[(i + 1) % len(others)] for i, n in enumerate(others)}
+
+
+def journal_flow(topology: Topology, entries: Iterable[tuple[Node, Node, bytes]]) -> Flow[set[bytes]]:
     """Record ``(owner, stand-in, wire)``: the wire is about to be written on the stand-in in the
-    owner's place. One round trip to each stand-in; the wires recorded (or recorded earlier in
-    this outage). A wire not returned must not be written there."""
+    owner's place. The entry goes to the stand-in and to its buddy (if that one is up), all in one
+    round trip; the wires recorded on both (or earlier in this outage) are returned. A wire not
+    returned must not be written."""
     done: set[bytes] = set()
     todo: dict[str, tuple[Node, dict[str, list[bytes]]]] = {}
+    placed: list[tuple[Node, bytes, list[str]]] = []
+    buddies: dict[str, dict[str, Node | None]] = {}
     for owner, stand_in, wire in entries:
         if owner.journaled(stand_in.node_id, wire):
             done.add(wire)
-        else:
-            todo.setdefault(stand_in.node_id, (stand_in, {}))[1].setdefault(owner.node_id, []).append(wire)
+            continue
+        if owner.node_id not in buddies:
+            buddies[owner.node_id] = _buddies(topology, owner)
+        buddy = buddies[owner.node_id].get(stand_in.node_id)
+        holders = [stand_in] if buddy is None or buddy.health.state != UP else [stand_in, buddy]
+        for holder in holders:
+            todo.setdefault(holder.node_id, (holder, {}))[1].setdefault(owner.node_id, []).append(wire)
+        placed.append((owner, wire, [h.node_id for h in holders]))
     if not todo:
         return done
-    owners = {owner.node_id: owner for owner, _, _ in entries}
     jobs = {}
     for holder_id, (holder, by_owner) in todo.items():
         payload = b"".join(
@@ -286,14 +308,15 @@ def journal_flow(entries: Iterable[tuple[Node, Node, bytes]]) -> Flow[set[bytes]
         )
         jobs[holder_id] = (holder, (payload, [(Expect.STATUS, True)] * (2 * len(by_owner))))
     results = yield Fanout(jobs, "journal stand-in writes")
+    stored: set[tuple[str, str]] = set()
     for holder_id, (_, by_owner) in todo.items():
         replies = results.get(holder_id)
-        if not isinstance(replies, list):
-            continue
-        for i, (owner_id, wires) in enumerate(by_owner.items()):
-            if replies[2 * i + 1] == b"STORED":
-                owners[owner_id].record_journaled(holder_id, wires)
-                done.update(wires)
+        if isinstance(replies, list):
+            stored.update((holder_id, o) for i, o in enumerate(by_owner) if replies[2 * i + 1] == b"STORED")
+    for owner, wire, holder_ids in placed:
+        if all((h, owner.node_id) in stored for h in holder_ids):
+            owner.record_journaled(holder_ids[0], [wire])
+            done.add(wire)
     return done
 
 
@@ -302,13 +325,16 @@ class Reporter(Protocol):
 
     events: Events
 
+    @property
+    def topology(self) -> Topology: ...
+
     def swallowed(self, err: BaseException, *, reading: bool) -> bool: ...
 
 
 def recorded(core: Reporter, owner: Node, stand_in: Node, wire: bytes, key: Any, what: str) -> Flow[bool]:
     """Before one write of ``owner``'s key on ``stand_in``: journal it. False (after raising,
     unless ``on_error="miss"``) if the journal could not take it: the write must not be made."""
-    if wire in (yield from journal_flow([(owner, stand_in, wire)])):
+    if wire in (yield from journal_flow(core.topology, [(owner, stand_in, wire)])):
         return True
     err = NodeUnavailableError(
         f"memcached node {owner.node_id} is down and stand-in {stand_in.node_id} could not journal "
@@ -329,7 +355,7 @@ def journal_plan(topology: Topology, plan: Plan, hashed: Iterable[tuple[Any, byt
     owners = {wire: topology.owner(hash_key) for _, hash_key, wire in hashed if wire in moved}
     groups = plan.groups
     entries = [(owners[w], plan.targets[t], w) for t, group in groups.items() for w in group if w in owners]
-    done = yield from journal_flow(entries)
+    done = yield from journal_flow(topology, entries)
     for target_id, group in list(plan.groups.items()):
         for wire in [w for w in group if w in owners and w not in done]:
             del group[wire]
@@ -351,10 +377,11 @@ def _journal_wires(data: bytes) -> set[bytes]:
     return {wire for wire in data.split(b" ") if valid_wire(wire)}
 
 
-def clean_flow(node: Node, topology: Topology) -> Flow[bool]:
+def clean_flow(node: Node, topology: Topology, *, give_up: bool = False) -> Flow[bool]:
     """Make returning ``node`` forget every key written elsewhere in its place, as its journals on
-    the other nodes list them, and remove those copies and journals; flush it instead if a journal
-    cannot be read (a node that may hold one is down). False if it could not be done."""
+    the other nodes list them, and remove those copies and journals. Every entry is on two nodes,
+    so one unreadable node loses nothing; with more, False (wait for them), or with ``give_up``
+    flush ``node`` instead. False if it could not be done."""
     others = [other for other in topology.all_nodes() if other is not node]
     key = journal_key(node.node_id)
     read = {
@@ -368,11 +395,11 @@ def clean_flow(node: Node, topology: Topology) -> Flow[bool]:
             journals[holder_id] = set().union(
                 *(_journal_wires(v.data) for v in items if isinstance(v, Value))
             )
-    if len(journals) < len(others):  # a journal that cannot be read: forget everything
+    if len(others) - len(journals) > 1:  # an entry may be on no readable node
+        if not give_up:
+            return False
         try:
-            reply = yield Call(
-                node, flush_all(0), Expect.OK, "flush after an outage (a journal is unreadable)"
-            )
+            reply = yield Call(node, flush_all(0), Expect.OK, "flush after an outage (journals unreadable)")
         except NodeError:
             return False
         if reply != b"OK":

@@ -13,7 +13,8 @@ The rules (README "Failures and failover"):
 - A node that is UP but still fencing serves writes; reads of a fenced key miss (its value there
   may be older than the last write); pinned calls of a fenced key are unavailable.
 - A node that is DOWN or PROBING: its keys go to the failover policy's stand-in (``remap``: the
-  next ready node clockwise; ``gutter``: the key's gutter node), never for pinned calls (a counter,
+  next node clockwise, if it is ready; ``gutter``: the key's gutter node, if it is ready; the
+  same node in every process), never for pinned calls (a counter,
   CAS loop or lock on a stand-in would restart from nothing). A key written on a stand-in is
   fenced on its owner, and leaves a copy the owner's prober removes when it returns; a read on a
   stand-in records nothing (it changed nothing, and fencing it would delete the owner's live
@@ -140,11 +141,16 @@ class Router:
                 return None
             gutter = topology.gutter_nodes[gutter_ring.node_for(hash_key)]
             return gutter if gutter.ready else None
-        for node_id in topology.ring.preference_list(hash_key, len(topology.nodes))[1:]:
-            candidate = topology.nodes[node_id]
-            if candidate.ready:
-                return candidate
-        return None
+        # The next node clockwise, whatever its health: every process picks the same one, so a write
+        # made there in the owner's place is where every other process reads it. (Skipping to the
+        # next *ready* node would make the choice depend on each process's view of a second node's
+        # health, and two processes could stand in on different nodes.) If it is not ready too,
+        # there is no stand-in.
+        following = topology.ring.preference_list(hash_key, 2)
+        if len(following) < 2:
+            return None
+        candidate = topology.nodes[following[1]]
+        return candidate if candidate.ready else None
 
     def capped_ttl(self, expire: int) -> int:
         """The expiry of a copy on a stand-in: at most ``failover_ttl_s`` (negative stays negative:

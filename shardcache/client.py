@@ -76,14 +76,12 @@ class Client:
     and a log record on the ``shardcache`` logger. ``failure_threshold`` consecutive transport
     failures mark a node DOWN; it is probed ``retry_interval_s`` later, backing off up to
     ``max_retry_interval_s``. While it is down, ``failover`` decides where its keys go:
-    ``"fail_fast"`` (default: nowhere, at once), ``"remap"`` (the next live node on the ring) or
+    ``"fail_fast"`` (default: nowhere, at once), ``"remap"`` (the next node on the ring, if it is up) or
     ``"gutter"`` (the ``gutter_servers``), with TTLs capped at ``failover_ttl_s``. When it answers
     again it is fenced (the keys changed while it was away are deleted on it, and miss until then;
     past ``fence_max_keys`` it is flushed), so it never serves a value older than the last write.
-    Under ``remap``/``gutter`` this holds fleet-wide: outages are published to the other nodes and
-    read by every process every ``fleet_refresh_s`` (default 0.5; None: per process only), and
-    writes on stand-ins are journaled there, so a returning node forgets them even if the process
-    that wrote them is gone (README, "Fleet-wide fencing").
+    Under ``remap``/``gutter`` this holds fleet-wide (outages published, read every
+    ``fleet_refresh_s``, default 0.5, None: off; README, "Fleet-wide fencing").
 
     Membership: ``discovery`` (a callable returning a server list, e.g. ``dns_discovery(name)``),
     polled every ``discovery_interval_s`` in every process (restarted after ``fork``), applied with

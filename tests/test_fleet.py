@@ -151,9 +151,9 @@ def test_keys_written_on_stand_ins_are_forgotten_on_return_whoever_wrote_them() 
     assert third.delete(keys[1]) is False  # nothing on the stand-in to delete, but journaled
     assert third.set_many({keys[2]: "new", keys[3]: "new"}) == []
     assert second.delete_many([keys[4]])
-    stand_ins = {first.topology.ring.preference_list(k, 3)[1] for k in keys}
-    listed = b" ".join(first.servers[s].peek(journal_key(A)) or b"" for s in stand_ins).split()
-    assert sorted(listed) == sorted(k.encode() for k in keys[:5])
+    listed = b" ".join(first.servers[n].peek(journal_key(A)) or b"" for n in NODES).split()
+    assert sorted(set(listed)) == sorted(k.encode() for k in keys[:5])
+    assert len(listed) == 2 * 5  # each entry on two nodes
     del second, third  # both writers are gone
     revive_server(first, A)
     for _ in range(10):
@@ -287,3 +287,42 @@ def test_a_journal_with_hostile_content_sends_nothing_but_valid_deletes() -> Non
     deletes = first.servers[A].sent(b"delete")
     assert sorted(deletes) == [b"delete good1", b"delete good2"]
     assert first.servers[A].sent(b"flush_all") == []
+
+
+def test_a_stand_in_restarting_empty_loses_no_journal_entry() -> None:
+    first, second = fleet(2)
+    key = first.key_on(A)
+    assert first.set(key, "old")
+    fail(first, A)
+    first.prober_pass()
+    assert first.set(key, "new")
+    stand_in = first.topology.ring.preference_list(key, 3)[1]
+    holders = [n for n in NODES if first.servers[n].peek(journal_key(A)) is not None]
+    assert sorted(holders) == sorted(n for n in NODES if n != A)  # the stand-in and its buddy
+    first.servers[stand_in].remove(journal_key(A))  # restarted empty
+    first.servers[stand_in].remove(key.encode())
+    revive_server(first, A)
+    for _ in range(10):
+        passes(first, second)
+    assert first.node(A).ready and first.servers[A].peek(key.encode()) is None
+
+
+def test_with_two_other_nodes_down_a_returning_node_waits_then_is_flushed() -> None:
+    (process,) = fleet(1)
+    key, counter = process.key_on(A), process.key_on(A, skip=1)
+    assert process.set(key, "old") and process.incr(counter, 1, initial=5) == 5
+    fail(process, A)
+    process.prober_pass()
+    others = [n for n in NODES if n != A]
+    for other in others:
+        fail(process, other)
+    process.servers[others[0]].down = False  # one of them is back: one readable journal of two
+    revive_server(process, A)
+    for _ in range(20):
+        passes(process)
+    assert process.node(A).health.state != UP  # waiting for the journals: out of use
+    assert process.servers[A].peek(key.encode()) == b"old"
+    passes(process, seconds=61.0)
+    passes(process)
+    assert process.node(A).ready and process.servers[A].sent(b"flush_all") == [b"flush_all 0"]
+    assert process.servers[A].peek(counter.encode()) is None  # the price of giving up: all is gone
