@@ -256,11 +256,19 @@ class Run:
                 found[key] = None
         return found
 
+    def detection_bound_s(self) -> float:
+        """docs/consistency.md: with fleet fencing (remap, gutter) the other processes learn of an
+        outage within one refresh of its publication (plus a round trip and the prober's step)."""
+        refresh = self.config.fleet_refresh_s
+        return refresh + 0.25 if refresh and self.config.failover != "fail_fast" else 0.0
+
     def write_results(self) -> None:
         meta = {
             "config": dataclasses.asdict(self.config),
             "finals": self.finals(),
             "lock_ttl_s": LOCK_TTL_S,
+            # docs/consistency.md: others learn of an outage within one refresh of its publication
+            "detection_bound_s": self.detection_bound_s(),
             "ring": [m.spec for m in self.ring],
             "members": [m.node_id for m in self.members],
         }
@@ -326,18 +334,22 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, str | None]:
 
 def summarize(paths: Sequence[str]) -> int:
     """Print one line per ``--json`` report: nemesis, policy, calls, faults, violations by rule."""
-    print(f"{'nemesis':<58} {'failover':<9} {'ops':>7} {'faults':>6} {'miss%':>6}  violations (explained)")
+    print(
+        f"{'nemesis':<58} {'failover':<9} {'ops':>7} {'faults':>6} {'miss%':>6}  "
+        "violations (explained, bounded)"
+    )
     for path in paths:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         cfg = data["config"]
         rate = data["read_misses"] / data["reads"] if data["reads"] else 0.0
         found = ", ".join(f"{k} {n}" for k, n in sorted(data["violation_counts"].items())) or "none"
         explained = sum(data["explained_counts"].values())
+        bounded = data.get("bounded", 0)
         print(
             f"{','.join(cfg['nemesis']) or '-':<58} "
             f"{cfg['failover'] + ('' if cfg.get('fleet_refresh_s', 0.5) else '/nofleet'):<9} "
             f"{data['ops']:>7} "
-            f"{len(data['faults']):>6} {rate:>6.1%}  {found} ({explained})"
+            f"{len(data['faults']):>6} {rate:>6.1%}  {found} ({explained}, bounded {bounded})"
         )
     return 0
 

@@ -57,7 +57,7 @@ def probe_flow(
             node.health.probe_later(wait, f"answers again; {node.fleet_mark}: flushed once it is out of use")
             return False
         if node.fleet_mark is not flushed_before and node.fleet_mark is not None:
-            events.emit(Event("fenced", node.node_id, f"flushed after an outage ({node.fleet_mark})"))
+            events.emit(Event("fenced", node.node_id, f"cleaned after an outage ({node.fleet_mark})"))
     node.health.readmit()
     node.retire_copies()  # no request stands in for it any more: its stand-ins' copies are stale
     return (yield from forget_flow(node, topology, events))

@@ -57,6 +57,24 @@ def test_a_read_of_a_superseded_value_is_stale_and_says_which_process_wrote_the_
     assert found[0].ops[2].arg == "b"
 
 
+def test_a_cross_process_stale_read_soon_after_its_node_was_seen_down_is_bounded_not_hidden() -> None:
+    def history(read_at: float, reader: str = "p0") -> History:
+        ops = [
+            op("set", "k", 0, 1, arg="a", node="n1"),
+            op("set", "k", 12, 13, arg="b", process="p1", node="n1"),  # on a stand-in: p1 saw n1 down
+            op("get", "k", read_at, read_at + 1, value="a", node="n1", process=reader),
+        ]
+        seen = [Fault("detected", "n1", 10 * MS, 10 * MS)]
+        return History(ops, detections=seen, detection_bound_ns=750 * MS)
+
+    within = check_history(history(700))
+    assert within.ok and within.to_json()["bounded"] == 1
+    cause = within.explained[0].explained_by
+    assert cause is not None and cause.kind == "detected"
+    assert rules(history(761)) == ["stale_read"]  # past the bound: a violation
+    assert rules(history(700, reader="p1")) == ["stale_read"]  # never after the reader's own write
+
+
 def test_a_read_of_a_deleted_value_is_stale() -> None:
     ops = [op("set", "k", 0, 1, arg="a"), op("delete", "k", 2, 3), op("get", "k", 4, 5, value="a")]
     assert rules(History(ops)) == ["stale_read"]
@@ -205,8 +223,13 @@ def test_load_history_pairs_invocations_with_completions(tmp_path: Path) -> None
     (tmp_path / "faults.jsonl").write_text(
         json.dumps({"kind": "kill", "target": "n1", "start_ns": 5, "end_ns": 6}) + "\n"
     )
-    (tmp_path / "run.json").write_text(json.dumps({"finals": {"c": 1}, "lock_ttl_s": 3}))
+    (tmp_path / "run.json").write_text(
+        json.dumps({"finals": {"c": 1}, "lock_ttl_s": 3, "detection_bound_s": 0.5})
+    )
+    (tmp_path / "worker-w0.log").write_text("7 node_down n1 no reply\n8 fenced n1 cleaned\ngarbage\n")
     history = load_history(tmp_path)
+    assert [(d.target, d.start_ns) for d in history.detections] == [("n1", 7)]
+    assert history.detection_bound_ns == 5 * 10**8
     by_kind = {o.kind: o for o in history.ops}
     assert by_kind["set"].end_ns == 10 and by_kind["set"].outcome is OK
     assert by_kind["incr"].end_ns == NEVER and by_kind["incr"].outcome is AMBIGUOUS

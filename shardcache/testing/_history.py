@@ -28,6 +28,12 @@ A node killed and restarted comes back empty: counters and locks on it restart. 
 that one of its calls was routed to such a node (``Op.node``) during the anomaly's span is filed as
 *data loss* (``HistoryReport.explained``), not as a violation: memcached is a cache, it loses data.
 
+The consistency model allows one kind of stale read, for a bounded time (docs/consistency.md): a
+process that has not yet learnt that another one saw a node fail may read the node while the other
+writes its keys to a stand-in. Given when processes marked nodes down (``History.detections``)
+and the bound, such reads are filed with the explained anomalies (``explained_by.kind ==
+"detected"``), counted apart, never hidden.
+
 Times are integers in nanoseconds from ``time.clock_gettime_ns(time.CLOCK_MONOTONIC)``, one clock for
 all the processes of a Linux machine (``time.monotonic()`` is not comparable across processes).
 """
@@ -115,6 +121,11 @@ class History:
     finals: dict[str, int | None] = dataclasses.field(default_factory=dict)
     lock_ttl_ns: int = 10 * 10**9
     ttl_slack_ns: int = 10**9
+    #: when some process marked a node down (kind ``"detected"``, target the node), and the bound
+    #: docs/consistency.md states for the others to learn it (fleet fencing: one refresh period):
+    #: a cross-process stale read of a key of that node within the bound is filed as bounded.
+    detections: Sequence[Fault] = ()
+    detection_bound_ns: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,7 +152,8 @@ class Violation:
 @dataclasses.dataclass(slots=True)
 class HistoryReport:
     """The checker's verdict: ``violations`` (rules broken), ``explained`` (anomalies a node restart
-    accounts for), counts per operation kind and outcome, and the read miss rate."""
+    accounts for, or stale reads within the bound the model states; ``explained_by`` says which),
+    counts per operation kind and outcome, and the read miss rate."""
 
     counts: dict[str, dict[str, int]]
     violations: list[Violation]
@@ -176,6 +188,7 @@ class HistoryReport:
             "read_misses": self.read_misses,
             "violation_counts": self.violation_counts(),
             "explained_counts": dict(Counter(_label(v) for v in self.explained)),
+            "bounded": sum(1 for v in self.explained if v.explained_by and v.explained_by.kind == "detected"),
             "violations": [v.to_json() for v in _examples(self.violations)],
             "explained": [v.to_json() for v in _examples(self.explained)],
             "faults": [dataclasses.asdict(f) for f in self.faults],
@@ -191,7 +204,13 @@ class HistoryReport:
         lines.append(f"reads: {self.reads}, misses {self.read_misses} ({rate:.1%})")
         faults = Counter(f.kind for f in self.faults)
         lines.append("faults: " + (", ".join(f"{k} {n}" for k, n in sorted(faults.items())) or "none"))
-        sections = (("VIOLATIONS", self.violations), ("explained by a node restart", self.explained))
+        sections = (
+            ("VIOLATIONS", self.violations),
+            (
+                "explained (a node restart, or within the stated bound after a node was seen down)",
+                self.explained,
+            ),
+        )
         for title, found in sections:
             lines.append(f"{title}: {len(found)}")
             counts = Counter(_label(v) for v in found)
@@ -236,12 +255,13 @@ def check_history(history: History) -> HistoryReport:
         counts[op.kind][op.outcome.value] += 1
         by_key[op.key].append(op)
     wipes = _Wipes(history.faults)
+    bounded = _Detections(history.detections, history.detection_bound_ns)
     found: list[Violation] = []
     counters: dict[str, dict[str, Any]] = {}
     for key, ops in sorted(by_key.items()):
         kinds = {op.kind for op in ops}
         if kinds & REGISTER_KINDS:
-            found.extend(_check_register(key, ops))
+            found.extend(bounded.explain(v) for v in _check_register(key, ops))
         if kinds & COUNTER_KINDS:
             summary, anomalies = _check_counter(key, ops, history.finals.get(key))
             counters[key] = summary
@@ -279,6 +299,33 @@ class _Wipes:
             for fault in self._by_node.get(node, ()):
                 if lo <= fault.start_ns <= hi:
                     return dataclasses.replace(v, explained_by=fault)
+        return v
+
+
+class _Detections:
+    """When processes marked each node down, to file the stale reads the consistency model allows:
+    a process that has not yet learnt that another one saw the key's node fail reads the node while
+    the other writes to a stand-in, for at most the stated bound."""
+
+    def __init__(self, detections: Iterable[Fault], bound_ns: int) -> None:
+        self._bound = bound_ns
+        self._by_node: dict[str, list[int]] = defaultdict(list)
+        for d in detections:
+            self._by_node[d.target].append(d.start_ns)
+        for times in self._by_node.values():
+            times.sort()
+
+    def explain(self, v: Violation) -> Violation:
+        if v.rule != "stale_read" or v.scope != "cross_process" or not self._bound:
+            return v
+        read = v.ops[0]
+        times = self._by_node.get(read.node or "", [])
+        i = bisect.bisect_right(times, read.start_ns)
+        if i and read.start_ns - times[i - 1] <= self._bound:
+            fault = Fault(
+                "detected", read.node or "", times[i - 1], times[i - 1] + self._bound, "within the bound"
+            )
+            return dataclasses.replace(v, explained_by=fault)
         return v
 
 
@@ -402,11 +449,19 @@ def load_history(directory: str | Path) -> History:
     meta: dict[str, Any] = {}
     if (root / "run.json").exists():
         meta = json.loads((root / "run.json").read_text(encoding="utf-8"))
+    detections = []
+    for path in sorted(root.glob("worker-*.log")):  # "<ns> node_down <node> <detail>" trace lines
+        for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = text.split(" ", 3)
+            if len(parts) >= 3 and parts[1] == "node_down" and parts[0].isdigit():
+                detections.append(Fault("detected", parts[2], int(parts[0]), int(parts[0])))
     return History(
         ops=ops,
         faults=faults,
         finals=dict(meta.get("finals", {})),
         lock_ttl_ns=int(float(meta.get("lock_ttl_s", 10)) * 1e9),
+        detections=detections,
+        detection_bound_ns=int(float(meta.get("detection_bound_s", 0)) * 1e9),
     )
 
 
