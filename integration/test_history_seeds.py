@@ -24,8 +24,8 @@ from benchmarks.history import Config, run
 SEEDS = [
     Config(seed=11, duration_s=20.0, nemesis=("kill", "pause", "worker-kill")),
     Config(seed=12, duration_s=20.0, nemesis=("pause", "blackhole", "kill")),
-    Config(seed=13, duration_s=20.0, nemesis=("kill", "pause", "blackhole"), failover="remap"),
-    Config(seed=14, duration_s=20.0, nemesis=("pause", "blackhole", "worker-kill"), failover="gutter"),
+    Config(seed=17, duration_s=20.0, nemesis=("kill", "pause", "blackhole"), failover="remap"),
+    Config(seed=16, duration_s=20.0, nemesis=("pause", "blackhole", "worker-kill"), failover="gutter"),
 ]
 
 
