@@ -8,8 +8,10 @@ A counter on the node keeps its count through the outage (the node is cleaned, n
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -134,3 +136,19 @@ def test_marks_are_published_and_read_across_processes(
         assert other.node_states()[specs[0]] != "up"  # it learnt of the outage without a call to it
         assert other.set(key, "v") and other.get(key) == "v"  # standing in, as the writer did
         proxies[0].heal()
+
+
+def test_a_dropped_client_does_not_leave_its_prober_thread_running(cluster: LocalCluster) -> None:
+    def probers() -> int:
+        return sum(t.name == "shardcache-prober" and t.is_alive() for t in threading.enumerate())
+
+    before = probers()
+    client = Client([node.spec for node in cluster.nodes], failover="remap", fleet_refresh_s=REFRESH_S)
+    client.get("any")  # connected: the prober reads the outage marks from now on
+    assert probers() == before + 1
+    del client
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while probers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert probers() == before

@@ -18,6 +18,7 @@ A key's path reads one way: client -> flow (validate, route) -> executor -> prot
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
@@ -117,11 +118,8 @@ class Client:
             opts, ring, gutter_ring, events=events, settings=settings, run=executor.run
         )
         self._core = Core(opts, self._membership, router, events)
-        self._executor, self._run, self._request = (
-            executor,
-            executor.run,
-            executor.request,
-        )  # flows; fast paths
+        weakref.finalize(self, self._membership.close)  # a dropped client's prober thread stops
+        self._executor, self._run, self._request = executor, executor.run, executor.request
         self._engine = Engine(self._core, executor.run)
         self._reconfigure = threading.Lock()
         self._poller: Poller | None = None
