@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -152,3 +153,30 @@ def test_a_dropped_client_does_not_leave_its_prober_thread_running(cluster: Loca
     while probers() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert probers() == before
+
+
+def test_a_forked_child_reads_the_marks_with_its_own_prober_thread(cluster: LocalCluster) -> None:
+    """Prefork servers fork after the client was used: the child's prober must run in the child."""
+    with Client([n.spec for n in cluster.nodes], failover="remap", fleet_refresh_s=REFRESH_S) as client:
+        client.set("fork/key", "parent")  # connected: the parent's prober thread runs
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, then leave at once
+            try:
+                ok = client.get("fork/key") == "parent"
+                deadline = time.monotonic() + 5
+                running = False
+                while not running and time.monotonic() < deadline:
+                    running = any(t.name == "shardcache-prober" for t in threading.enumerate())
+                    time.sleep(0.02)
+                os.write(write_end, b"1" if ok and running else b"0")
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        answer = b""
+        deadline = time.monotonic() + 15
+        while not answer and time.monotonic() < deadline:
+            answer = os.read(read_end, 1)
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        assert answer == b"1"

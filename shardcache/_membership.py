@@ -77,9 +77,9 @@ class Membership:
         return node
 
     def _connected(self, node_id: str, conn: Connection) -> None:
-        """A new connection: make sure the prober runs if it reads the fleet's outage marks (here,
-        not in ``__init__``: no thread before the client is used, and one again in a forked child,
-        whose pools start empty). Warn when two ring nodes reach the same server (``localhost:p``
+        """The first connection: start the prober if it reads the fleet's outage marks (here, not
+        in ``__init__``: no thread before the client is used; a forked child restarts it itself,
+        see ``_prober``). Warn when two ring nodes reach the same server (``localhost:p``
         and ``127.0.0.1:p``): each would own its own share of the keys on one server, and failover
         could not tell them apart."""
         if self.prober.fleet is not None:

@@ -20,7 +20,9 @@ The work itself is written as flows (``probe_flow``, ``forget_flow``) so any exe
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +143,7 @@ class Prober:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        _probers.add(self)
 
     def start(self, wake: bool = True) -> None:
         """Wake the prober (``wake``: it has new work now), starting its thread if needed."""
@@ -205,3 +208,27 @@ class Prober:
         with self._lock:
             self._thread = None
             self._closed.clear()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's thread does not exist here, and its lock or events may have been copied
+        # while held: fresh ones. If it ran in the parent it runs in the child too (the fleet's
+        # marks are read in every process; a probe or a fence in progress is redone).
+        ran = self._thread is not None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread = None
+        if ran:
+            self.start()
+
+
+_probers: weakref.WeakSet[Prober] = weakref.WeakSet()
+
+
+def _reset_in_child() -> None:
+    for prober in list(_probers):
+        prober._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
