@@ -180,3 +180,30 @@ def test_a_forked_child_reads_the_marks_with_its_own_prober_thread(cluster: Loca
         os.close(read_end)
         os.waitpid(pid, 0)
         assert answer == b"1"
+
+
+def test_a_process_started_during_an_outage_knows_of_it_before_its_first_read(
+    fresh_cluster: Callable[..., LocalCluster], fault_proxy: Callable[..., FaultProxy]
+) -> None:
+    """The node is reachable again but nobody has cleaned it yet (the writer exited at once): a new
+    worker's very first read must not be the node's pre-outage value."""
+    cluster = fresh_cluster(3)
+    proxies = [fault_proxy(node) for node in cluster.nodes]
+    specs = [proxy.spec for proxy in proxies]
+    options: dict[str, Any] = {**FAST, "failover": "remap", "fleet_refresh_s": REFRESH_S}
+    with Client(specs, **options) as setup:
+        keys = _keys_on(setup, specs[0], 10)
+        for key in keys:
+            assert setup.set(key, "old")
+    proxies[0].blackhole()
+    out = SPAWN.Queue()
+    writer = SPAWN.Process(target=_writer, args=(specs, "remap", [], True, keys, out))
+    writer.start()
+    try:
+        acked = out.get(timeout=60)
+    finally:
+        writer.join(timeout=30)
+    proxies[0].heal()
+    with Client(specs, **options) as newcomer:
+        first = [newcomer.get(key) for key in acked]
+    assert "old" not in first, first

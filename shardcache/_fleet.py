@@ -143,6 +143,7 @@ class Fleet:
         self._offset = (rng or random.Random()).randrange(1 << 30)  # spreads readers over holders
         self._next_refresh = float("-inf")
         self._lock = threading.Lock()
+        self._first_read = threading.Event()  # set once the marks were read (or could not be)
 
     # -- reading marks ----------------------------------------------------------------------------
 
@@ -152,8 +153,19 @@ class Fleet:
     def seconds_until_refresh(self) -> float:
         return max(0.0, self._next_refresh - self._clock())
 
+    def wait_first_read(self, timeout: float) -> bool:
+        """Block until the marks have been read once (at most ``timeout``): a new process must
+        know of an outage published before it started before its first request uses the node."""
+        return self._first_read.wait(timeout)
+
     def refresh_flow(self, topology: Topology) -> Flow[bool]:
         """Read every node's mark from three ready nodes and apply the newest; False if none answered."""
+        try:
+            return (yield from self._refresh(topology))
+        finally:
+            self._first_read.set()
+
+    def _refresh(self, topology: Topology) -> Flow[bool]:
         self._next_refresh = self._clock() + self.refresh_s
         nodes = list(topology.all_nodes())
         holders = sorted((n for n in nodes if n.ready), key=lambda n: n.node_id)

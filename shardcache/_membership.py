@@ -45,6 +45,7 @@ class Membership:
         self._settings = settings
         self._events = events
         self._change_lock = threading.Lock()
+        self._barrier_lock = threading.Lock()
         self._window_timer: threading.Timer | None = None
         self._retiring: list[Node] = []  # nodes removed with a window: retired when it ends
         self._peers: dict[Any, str] = {}  # the address each node's first connection reached
@@ -56,6 +57,27 @@ class Membership:
         nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
         gutter = {spec.node_id: self._make_node(spec) for spec in gutter_ring.specs} if gutter_ring else {}
         self.topology = Topology(ring, nodes, gutter_ring, gutter)
+        if fleet is not None:
+            # Until the fleet's marks have been read once, ``topology`` is not an attribute: the
+            # first request gets it through __getattr__, which reads them first (a process started
+            # during an outage others published must not read the node before it knows).
+            self._unread: Topology | None = self.__dict__.pop("topology")
+
+    def __getattr__(self, name: str) -> Any:
+        unread = self.__dict__.get("_unread")
+        if name != "topology" or unread is None:
+            raise AttributeError(name)
+        if self.prober.is_current_thread():
+            return unread  # the prober reading the marks: no barrier for it
+        self.prober.start(wake=False)
+        fleet = self.prober.fleet
+        if fleet is not None:
+            fleet.wait_first_read(min(self._options.timeout or 1.0, 1.0))
+        with self._barrier_lock:  # not _change_lock: change() reads ``topology`` holding it
+            if "topology" not in self.__dict__:
+                self.topology = unread
+                self._unread = None
+            return self.__dict__["topology"]
 
     def _make_node(self, spec: NodeSpec) -> Node:
         options = self._options
@@ -77,9 +99,9 @@ class Membership:
         return node
 
     def _connected(self, node_id: str, conn: Connection) -> None:
-        """The first connection: start the prober if it reads the fleet's outage marks (here, not
-        in ``__init__``: no thread before the client is used; a forked child restarts it itself,
-        see ``_prober``). Warn when two ring nodes reach the same server (``localhost:p``
+        """The first connection: start the prober if it reads the fleet's outage marks (not in
+        ``__init__``: no thread before the client is used; a forked child restarts it itself, see
+        ``_prober``). Warn when two ring nodes reach the same server (``localhost:p``
         and ``127.0.0.1:p``): each would own its own share of the keys on one server, and failover
         could not tell them apart."""
         if self.prober.fleet is not None:

@@ -157,6 +157,9 @@ class Prober:
             self._thread = threading.Thread(target=self._loop, name="shardcache-prober", daemon=True)
             self._thread.start()
 
+    def is_current_thread(self) -> bool:
+        return self._thread is threading.current_thread()
+
     def _loop(self) -> None:
         fleet = self.fleet
         while not self._closed.is_set():

@@ -429,10 +429,13 @@ class ManualProber(Prober):
 class Cluster:
     """A client's pieces over fake servers: what ``Client.__init__`` wires, minus sockets and threads."""
 
-    def __init__(self, servers: Iterable[str], *, share: Cluster | None = None, **options: Any) -> None:
+    def __init__(
+        self, servers: Iterable[str], *, share: Cluster | None = None, read_marks: bool = True, **options: Any
+    ) -> None:
         """``share``: another Cluster whose servers and clock this one uses (a second process).
         Fleet fencing is off unless ``fleet_refresh_s`` is given: most tests here are about one
-        process's own fence log."""
+        process's own fence log. With it, the fleet's marks are read once at the start
+        (``read_marks``), as a client's first request waits for."""
         self.clock = FakeClock() if share is None else share.clock
         options.setdefault("fleet_refresh_s", None)
         self.options = Options.parse(clock=self.clock, **options)
@@ -455,6 +458,9 @@ class Cluster:
             self.membership = Membership(
                 opts, ring, gutter_ring, events=self.events, settings=settings, run=self.executor.run
             )
+        fleet = self.membership.prober.fleet
+        if fleet is not None and read_marks:
+            self.executor.run(fleet.refresh_flow(self.membership.__dict__["_unread"]))
         self.router = Router(
             opts.failover, failover_ttl_s=opts.failover_ttl_s, miss_on_error=opts.miss_on_error
         )

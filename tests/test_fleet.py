@@ -6,6 +6,8 @@ share fake servers and a fake clock; each one's prober passes run by hand.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from fakes import Cluster
 
@@ -326,3 +328,21 @@ def test_with_two_other_nodes_down_a_returning_node_waits_then_is_flushed() -> N
     passes(process)
     assert process.node(A).ready and process.servers[A].sent(b"flush_all") == [b"flush_all 0"]
     assert process.servers[A].peek(counter.encode()) is None  # the price of giving up: all is gone
+
+
+def test_a_new_process_reads_the_marks_before_its_first_request_uses_the_ring() -> None:
+    (first,) = fleet(1)
+    fail(first, A)
+    first.prober_pass()  # the outage is published; the node is reachable again, nobody cleaned it
+    revive_server(first, A)
+    newcomer = Cluster(NODES, share=first, read_marks=False, failover="remap", fleet_refresh_s=REFRESH)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(newcomer.membership.topology))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive() and got == []  # the first request waits for the marks...
+    fleet_ = newcomer.membership.prober.fleet
+    assert fleet_ is not None
+    newcomer.run(fleet_.refresh_flow(newcomer.membership.__dict__["_unread"]))
+    reader.join(5)
+    assert got and newcomer.node(A).health.state == HEALTH_DOWN  # ...and then knows of the outage
