@@ -79,6 +79,8 @@ def forget_flow(node: Node, topology: Callable[[], Topology], events: Events) ->
         node.settle_work(work, done=done, kept_stale=kept)
         if not done:
             return False
+        if not work.keys and not work.flush and kept == work.stale:
+            break  # only copies on stand-ins that are down: kept for when they are back, quietly
         detail = "flushed (fence log overflowed)" if work.flush else f"forgot {len(work.keys)} keys"
         copies = sum(len(v) for v in work.stale.values()) - sum(len(v) for v in kept.values())
         events.emit(Event("fenced", node.node_id, f"{detail}; removed {copies} copies"))

@@ -268,13 +268,14 @@ class Node:
             self._refresh_ready()
 
     def has_work(self) -> bool:
-        return bool(self._fence) or bool(self._stale)
+        return bool(self._fence) or any(self._stale.values())  # a holder's set may be emptied
 
     def take_work(self) -> ForgetWork:
         """What to forget now; it stays recorded (reads miss) until :meth:`settle_work`."""
         with self._lock:
             keys, flush = self._fence._take()
-            stale, self._stale = self._stale, {}
+            stale = {holder: wires for holder, wires in self._stale.items() if wires}
+            self._stale = {}
             self._removing = {holder: set(wires) for holder, wires in stale.items()}  # read as stale
         return ForgetWork(keys, flush, stale)
 

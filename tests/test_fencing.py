@@ -585,3 +585,26 @@ def test_errors_that_become_misses_still_emit_an_event_and_a_log_record(
     (event,) = [e for e in cluster.seen if e.kind == "error"]
     assert event.node_id == A and event.key == key and "timed out" in event.detail
     assert any(r.name == "shardcache" and "timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_copies_kept_for_a_stand_in_that_is_down_make_no_busy_loop_nor_event_spam() -> None:
+    """A history run's event trace showed "fenced ... forgot 0 keys; removed 0 copies" five times
+    every half second while a stand-in holding copies was down: the prober must wait quietly."""
+    cluster = Cluster(NODES, failover="remap", on_error="miss")
+    key = cluster.key_on(A)
+    stand_in = stand_in_of(cluster, key)
+    cluster.fail(A)
+    assert cluster.set(key, "copy")
+    cluster.fail(stand_in)
+    cluster.revive(A)
+    cluster.prober_pass()  # A is readmitted; the copy on the down stand-in is kept for later
+    assert cluster.node(A).ready
+    fenced = [e for e in cluster.seen if e.kind == "fenced"]
+    for _ in range(3):
+        cluster.prober_pass()
+    assert [e for e in cluster.seen if e.kind == "fenced"] == fenced
+    cluster.revive(stand_in)
+    cluster.prober_pass()
+    cluster.prober_pass()
+    assert cluster.servers[stand_in].peek(key.encode()) is None  # removed once it is back
+    assert not cluster.node(A).has_work()
