@@ -312,6 +312,7 @@ class NodePool:
 
     __slots__ = (
         "__weakref__",
+        "_connect_hook",
         "_generation",
         "_idle",
         "_idle_timeout",
@@ -327,7 +328,8 @@ class NodePool:
         self, spec: NodeSpec, settings: ConnectionSettings, *, max_idle: int | None, idle_timeout: float,
         on_connect: Callable[[Connection], None] | None = None,
     ) -> None:  # fmt: skip
-        self._on_connect = on_connect  # called once, with the first connection made
+        self._on_connect = on_connect  # called with the first connection made after each close()
+        self._connect_hook = on_connect
         self.spec = spec
         self.node_id = spec.node_id
         self._settings = settings
@@ -383,8 +385,10 @@ class NodePool:
 
     def close(self) -> None:
         """Close every idle connection; connections in use are closed when they are released (so
-        none outlives a close in an unreachable pool). New ones are made on demand."""
+        none outlives a close in an unreachable pool). New ones are made on demand, and the
+        first of them is announced again (``on_connect``: the client's prober starts again)."""
         self._generation += 1
+        self._on_connect = self._connect_hook
         while True:
             try:
                 conn, _ = self._idle.pop()

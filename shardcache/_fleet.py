@@ -58,8 +58,17 @@ import mmh3
 
 from shardcache._events import Events
 from shardcache._flows import Call, Fanout, Flow
-from shardcache._protocol import Expect, delete, flush_all, retrieve, store, valid_wire
-from shardcache._reply_items import Value
+from shardcache._protocol import (
+    RESERVED_PREFIX,
+    Expect,
+    delete,
+    flush_all,
+    meta_delete,
+    retrieve,
+    store,
+    valid_wire,
+)
+from shardcache._reply_items import Meta, Value
 from shardcache._router import Plan
 from shardcache._topology import Node, Topology
 from shardcache.errors import NodeError, NodeUnavailableError
@@ -75,12 +84,14 @@ RETURNING: Final = 1
 CLEAN: Final = 2
 _STAGE_NAMES: Final = {DOWN: "down", RETURNING: "returning", CLEAN: "clean"}
 
-MARK_PREFIX: Final = b"shardcache.fleet."  # reserved: never a key under a client's key_prefix
-JOURNAL_PREFIX: Final = b"shardcache.fleet.j."
+MARK_PREFIX: Final = RESERVED_PREFIX  # shardcache's own keys: rebalance() leaves them alone
+JOURNAL_PREFIX: Final = RESERVED_PREFIX + b"j."
 _CHUNK: Final = 1000  # deletes per round trip when cleaning
+_PASSES: Final = 3  # reads of the journals per clean, while they may still grow
 # A returning node whose journals cannot be read (two other nodes down) waits this long for them,
 # out of use, then is flushed: its counters and locks are lost, but it serves again.
 _MAX_CLEAN_WAIT_S: Final = 60.0
+_FUTURE_S: Final = 24 * 3600.0
 _MARK_TTL_S: Final = 7 * 24 * 3600  # generations are wall-clock based: an expired mark loses nothing
 _MARK_RE: Final = re.compile(rb"([0-9]{1,19}) ([012])")
 _READERS: Final = 3  # holders read per refresh: one may be the node itself, one restarted empty
@@ -144,6 +155,7 @@ class Fleet:
         self._next_refresh = float("-inf")
         self._lock = threading.Lock()
         self._first_read = threading.Event()  # set once the marks were read (or could not be)
+        self._known: dict[str, Mark] = {}
 
     # -- reading marks ----------------------------------------------------------------------------
 
@@ -196,15 +208,26 @@ class Fleet:
                 self.apply(node, mark)
         return answered
 
+    def known(self, node_id: str) -> Mark | None:
+        """The newest mark this process knows for ``node_id`` (a node removed and added back gets
+        it again: a new ``Node`` object must not forget an outage still under way)."""
+        return self._known.get(node_id)
+
     def apply(self, node: Node, mark: Mark) -> bool:
-        """Take ``mark`` into account if it is newer than what this process knows; True if it was."""
+        """Take ``mark`` into account if it is newer than what this process knows; True if it was.
+        A generation more than a day ahead of this clock is ignored (forged, or a wild clock)."""
+        if mark.gen > (self._wall() + _FUTURE_S) * 1000:
+            return False
         with self._lock:
             seen = node.fleet_mark
             if seen is not None and mark <= seen:
                 return False
             node.fleet_mark = mark
+            self._known[node.node_id] = mark
             if mark.stage == RETURNING:
                 node.fleet_returning_at = self._clock()
+        if seen is None or mark.gen != seen.gen:
+            node.forget_journaled()  # a new outage: its journals are new ones
         if mark.stage == DOWN:
             node.may_stand_in = True
             if node.health.state == UP:
@@ -219,11 +242,6 @@ class Fleet:
         return True
 
     # -- writing marks ----------------------------------------------------------------------------
-
-    def observed_down(self, node: Node) -> None:
-        """This process marked ``node`` down: stand-ins may serve it; publish the outage next."""
-        node.may_stand_in = True
-        node.fleet_publish = True
 
     def publish_pending(self, topology: Topology) -> Flow[None]:
         """Publish ``DOWN`` for every node this process marked down since the last step."""
@@ -242,10 +260,11 @@ class Fleet:
             yield from self.publish_flow(topology, node, mark)
 
     def publish_flow(self, topology: Topology, node: Node, mark: Mark) -> Flow[int]:
-        """Write ``node``'s mark on every other ready node; how many took it."""
+        """Write ``node``'s mark on every other ready node; how many took it (-1: there is no
+        other ready node, so no process can read marks or stand in anywhere either)."""
         holders = [other for other in topology.all_nodes() if other is not node and other.ready]
         if not holders:
-            return 0
+            return -1
         payload = store(b"set", mark_key(node.node_id), encode_mark(mark), 0, _MARK_TTL_S)
         jobs = {h.node_id: (h, (payload, [(Expect.STATUS, True)])) for h in holders}
         results = yield Fanout(jobs, f"publish outage mark of {node.node_id}")
@@ -260,12 +279,15 @@ class Fleet:
         seen = node.fleet_mark
         if seen is None or seen.stage == CLEAN:
             return 0.0
-        if seen.stage == DOWN:
+        if seen.stage == DOWN or node.fleet_returning_at is None:
             returning = Mark(seen.gen, RETURNING)
             self.apply(node, returning)
-            yield from self.publish_flow(topology, node, returning)
+            if (yield from self.publish_flow(topology, node, returning)) == 0:
+                node.fleet_returning_at = None  # nobody else can know: publish it again first
+                return self.refresh_s
+            node.fleet_returning_at = self._clock()
             return self.settle_s
-        waited = self._clock() - (node.fleet_returning_at or self._clock())
+        waited = self._clock() - node.fleet_returning_at
         if waited < self.settle_s:
             return self.settle_s - waited
         give_up = waited >= self.settle_s + _MAX_CLEAN_WAIT_S
@@ -291,9 +313,10 @@ def _buddies(topology: Topology, owner: Node) -> dict[str, Node | None]:
 
 def journal_flow(topology: Topology, entries: Iterable[tuple[Node, Node, bytes]]) -> Flow[set[bytes]]:
     """Record ``(owner, stand-in, wire)``: the wire is about to be written on the stand-in in the
-    owner's place. The entry goes to the stand-in and to its buddy (if that one is up), all in one
-    round trip; the wires recorded on both (or earlier in this outage) are returned. A wire not
-    returned must not be written."""
+    owner's place. The entry goes to the stand-in and to its buddy (there is none with fewer than
+    three nodes), all in one round trip; the wires recorded on both (or earlier in this outage)
+    are returned. A wire not returned must not be written (its buddy is down, or a holder
+    refused)."""
     done: set[bytes] = set()
     todo: dict[str, tuple[Node, dict[str, list[bytes]]]] = {}
     placed: list[tuple[Node, bytes, list[str]]] = []
@@ -305,7 +328,9 @@ def journal_flow(topology: Topology, entries: Iterable[tuple[Node, Node, bytes]]
         if owner.node_id not in buddies:
             buddies[owner.node_id] = _buddies(topology, owner)
         buddy = buddies[owner.node_id].get(stand_in.node_id)
-        holders = [stand_in] if buddy is None or buddy.health.state != UP else [stand_in, buddy]
+        if buddy is not None and buddy.health.state != UP:
+            continue  # on the stand-in alone the entry could be lost: not written (as fail_fast)
+        holders = [stand_in] if buddy is None else [stand_in, buddy]
         for holder in holders:
             todo.setdefault(holder.node_id, (holder, {}))[1].setdefault(owner.node_id, []).append(wire)
         placed.append((owner, wire, [h.node_id for h in holders]))
@@ -391,43 +416,83 @@ def _journal_wires(data: bytes) -> set[bytes]:
 
 def clean_flow(node: Node, topology: Topology, *, give_up: bool = False) -> Flow[bool]:
     """Make returning ``node`` forget every key written elsewhere in its place, as its journals on
-    the other nodes list them, and remove those copies and journals. Every entry is on two nodes,
-    so one unreadable node loses nothing; with more, False (wait for them), or with ``give_up``
-    flush ``node`` instead. False if it could not be done."""
+    the other nodes list them, and remove those copies and journals. An entry is on two nodes when
+    there are three or more, so one unreadable node loses nothing; with more (or, with two nodes,
+    the other one), False: wait for them, or with ``give_up`` flush ``node`` instead. A journal
+    that grew while it was applied is read again; it is deleted only unchanged (CAS).
+    False if it could not be done."""
     others = [other for other in topology.all_nodes() if other is not node]
     key = journal_key(node.node_id)
+    tolerated = 1 if len(others) >= 2 else 0
+    cleaned: set[bytes] = set()
+    for _ in range(_PASSES):
+        journals = yield from _read_journals(others, key)
+        if len(others) - len(journals) > tolerated:
+            return (yield from _flush(node, others)) if give_up else False
+        wires = sorted(set().union(*(listed for listed, _ in journals.values())) - cleaned)
+        if (
+            wires
+            and not (yield from _delete_all({node.node_id: (node, wires)}, "clean after an outage"))[
+                node.node_id
+            ]
+        ):
+            return False
+        cleaned.update(wires)
+        copies = {
+            holder_id: (holder, sorted(listed))
+            for holder_id, (listed, _) in journals.items()
+            if listed and (holder := topology.node(holder_id)) is not None
+        }
+        yield from _delete_all(copies, "remove stand-in copies")  # best effort: what is left expires
+        drop = {
+            h: (n, (meta_delete(key, cas=cas), [(Expect.META, False)]))
+            for h, (_, cas) in journals.items()
+            if cas is not None and (n := topology.node(h)) is not None
+        }
+        results = (yield Fanout(drop, "delete journals")) if drop else {}
+        if all(
+            isinstance(r, list) and isinstance(r[0], Meta) and r[0].status != b"EX" for r in results.values()
+        ):
+            return True
+    return False  # journals still growing: not clean yet
+
+
+def _read_journals(others: list[Node], key: bytes) -> Flow[dict[str, tuple[set[bytes], int | None]]]:
+    """``{holder id: (keys listed, CAS of the journal or None if absent)}`` of the readable nodes."""
     read = {
-        o.node_id: (o, (retrieve([key]), [(Expect.VALUES, False)])) for o in others if o.health.state == UP
+        o.node_id: (o, (retrieve([key], cas=True), [(Expect.CAS_VALUES, False)]))
+        for o in others
+        if o.health.state == UP
     }
     results = (yield Fanout(read, "read journals")) if read else {}
-    journals: dict[str, set[bytes]] = {}
+    journals: dict[str, tuple[set[bytes], int | None]] = {}
     for holder_id, result in results.items():
-        if isinstance(result, list):
-            items = result[0] if result and isinstance(result[0], list) else []
-            journals[holder_id] = set().union(
-                *(_journal_wires(v.data) for v in items if isinstance(v, Value))
+        if isinstance(result, list) and result and isinstance(result[0], list):
+            found = [v for v in result[0] if isinstance(v, Value)]
+            journals[holder_id] = (
+                set().union(*(_journal_wires(v.data) for v in found)),
+                found[0].cas if found else None,
             )
-    if len(others) - len(journals) > 1:  # an entry may be on no readable node
-        if not give_up:
+    return journals
+
+
+def _flush(node: Node, others: list[Node]) -> Flow[bool]:
+    """The last resort of a clean: forget everything (counters and locks included), except the
+    marks and journals ``node`` holds for the other nodes, which are read first and put back."""
+    kept = [k for o in others for k in (mark_key(o.node_id), journal_key(o.node_id))]
+    try:
+        found = yield Call(node, retrieve(kept), Expect.VALUES, "read what a flush must keep")
+        reply = yield Call(node, flush_all(0), Expect.OK, "flush after an outage (journals unreadable)")
+        if reply != b"OK" or not isinstance(found, list):
             return False
-        try:
-            reply = yield Call(node, flush_all(0), Expect.OK, "flush after an outage (journals unreadable)")
-        except NodeError:
-            return False
-        if reply != b"OK":
-            return False
-        node.forget_flushed()
-        return True  # the copies stay on the stand-ins, recorded in their journals, until their TTL
-    forget = {node.node_id: (node, sorted(set().union(*journals.values())))}
-    if not (yield from _delete_all(forget, "clean after an outage"))[node.node_id]:
+        items = [v for v in found if isinstance(v, Value)]
+        if items:
+            payload = b"".join(store(b"set", v.key, v.data, 0, 0) for v in items)
+            yield Fanout({node.node_id: (node, (payload, [(Expect.STATUS, True)] * len(items)))}, "restore")
+    except NodeError:
         return False
-    copies = {
-        holder_id: (holder, [*sorted(listed), key])
-        for holder_id, listed in journals.items()
-        if listed and (holder := topology.node(holder_id)) is not None
-    }
-    yield from _delete_all(copies, "remove stand-in copies")  # best effort: what is left expires
-    return True
+    node.forget_flushed()
+    return True  # the copies stay on the stand-ins, recorded in their journals, until their TTL
 
 
 def _delete_all(work: dict[str, tuple[Node, list[bytes]]], what: str) -> Flow[dict[str, bool]]:

@@ -96,6 +96,10 @@ class Membership:
         health = NodeHealth(spec.node_id, options.health, clock=options.clock, on_change=on_change)
         node = Node(spec, pool, health, options.fence_max_keys, self.prober.start)
         holder.append(node)
+        fleet = self.prober.fleet
+        known = None if fleet is None else fleet.known(spec.node_id)
+        if fleet is not None and known is not None:
+            fleet.apply(node, known)  # added back while its outage is still under way
         return node
 
     def _connected(self, node_id: str, conn: Connection) -> None:

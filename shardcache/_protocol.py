@@ -88,6 +88,9 @@ __all__ = [
 ]
 
 MAX_KEY_LENGTH: Final = 250
+# Keys shardcache itself keeps on the nodes (fleet fencing's outage marks and journals): never a
+# stray for rebalance(); applications must not use keys that start with it.
+RESERVED_PREFIX: Final = b"shardcache.fleet."
 _U32: Final = 2**32
 _U64: Final = 2**64
 _I32_MIN: Final = -(2**31)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final
 
 from shardcache import _protocol as proto
 from shardcache._flows import Call, Fanout, Flow, Sleep
-from shardcache._protocol import DumpEntry, ErrorReply, Expect, Meta
+from shardcache._protocol import RESERVED_PREFIX, DumpEntry, ErrorReply, Expect, Meta
 from shardcache._topology import Node, Topology
 from shardcache._warmup import warm
 from shardcache.errors import ArgumentError, NodeError
@@ -186,8 +186,8 @@ def _strays(
     prefix, unprefixed = core.keys.prefix, core.keys.unprefixed
     strays = []
     for wire, cas, _ in entries:
-        if prefix and not wire.startswith(prefix):
-            continue
+        if (prefix and not wire.startswith(prefix)) or wire.startswith(RESERVED_PREFIX):
+            continue  # another application's key, or fleet fencing's outage marks and journals
         tally.scanned += first
         hash_key = unprefixed(wire)
         owner = topology.owner(hash_key)

@@ -158,6 +158,7 @@ class Node:
         if transport and self.health.record_failure(str(err)):
             self.may_stand_in = True  # this process saw it fail: its outage is to be published
             self.fleet_publish = True
+            self.forget_journaled()
             self._wake()
         return transport
 
@@ -240,6 +241,11 @@ class Node:
                 return
             self._stale.setdefault(stand_in.node_id, set()).add(wire)
         self._wake()
+
+    def forget_journaled(self) -> None:
+        """A new outage: what was journaled in an earlier one must be journaled again."""
+        with self._lock:
+            self._journaled = {}
 
     def journaled(self, holder_id: str, wire: bytes) -> bool:
         """True if ``wire`` is in this node's journal on ``holder_id`` already (this outage)."""
