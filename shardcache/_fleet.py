@@ -16,9 +16,10 @@ published, and always above every generation the publisher has seen.
 **Who does what** (each process, on its prober thread):
 
 - it marks N down itself (``failure_threshold`` failed calls): it publishes ``DOWN(g)``;
-- every ``refresh_s`` it reads every node's mark from three nodes (one round trip) and
-  applies the newest: ``DOWN`` takes N out of its ring view (stand-ins may serve N's keys);
-  ``RETURNING`` too, but stand-ins may not (N's keys miss); ``CLEAN`` makes its next probe due;
+- every ``refresh_s`` it reads every node's mark from four nodes (one round trip; a holder
+  that lacks an outage still under way gets it back) and applies the newest: ``DOWN`` takes N
+  out of its ring view (stand-ins may serve N's keys); ``RETURNING`` too, but stand-ins may not
+  (N's keys miss); ``CLEAN`` makes its next probe due;
 - it writes or deletes one of N's keys on a stand-in: first it appends the key to N's *journal*
   (:func:`journal_key`) on that stand-in and on the stand-in's *buddy* (the next node by id), so
   one node restarting empty loses no entry (``add`` then ``append``, one round trip, once per key
@@ -94,7 +95,7 @@ _MAX_CLEAN_WAIT_S: Final = 60.0
 _FUTURE_S: Final = 24 * 3600.0
 _MARK_TTL_S: Final = 7 * 24 * 3600  # generations are wall-clock based: an expired mark loses nothing
 _MARK_RE: Final = re.compile(rb"([0-9]{1,19}) ([012])")
-_READERS: Final = 3  # holders read per refresh: one may be the node itself, one restarted empty
+_READERS: Final = 4  # holders read per refresh: one may be the node itself, some restarted empty
 
 
 class Mark(NamedTuple):
@@ -171,7 +172,7 @@ class Fleet:
         return self._first_read.wait(timeout)
 
     def refresh_flow(self, topology: Topology) -> Flow[bool]:
-        """Read every node's mark from three ready nodes and apply the newest; False if none answered."""
+        """Read every node's mark from four ready nodes and apply the newest; False if none answered."""
         try:
             return (yield from self._refresh(topology))
         finally:
@@ -189,24 +190,50 @@ class Fleet:
         payload = retrieve(sorted(keys))
         jobs = {h.node_id: (h, (payload, [(Expect.VALUES, False)])) for h in chosen}
         results = yield Fanout(jobs, "read outage marks")
-        newest: dict[str, Mark] = {}
-        answered = False
+        held: dict[str, dict[str, Mark]] = {}  # holder id -> {node id: its mark there}
         for holder_id, result in results.items():
             if isinstance(result, NodeError) or not isinstance(result, list):
                 continue
-            answered = True
+            held[holder_id] = marks = {}
             for item in result[0] if result and isinstance(result[0], list) else ():
                 node = keys.get(item.key) if isinstance(item, Value) else None
                 mark = decode_mark(item.data) if node is not None else None
-                if node is None or mark is None or node.node_id == holder_id:
-                    continue  # a node never holds its own mark: one it has is from before a restart
-                if node.node_id not in newest or mark > newest[node.node_id]:
-                    newest[node.node_id] = mark
+                if node is not None and mark is not None and node.node_id != holder_id:
+                    marks[node.node_id] = mark  # a node's own mark there is from before a restart
+        newest: dict[str, Mark] = {}
+        for marks in held.values():
+            for node_id, mark in marks.items():
+                if node_id not in newest or mark > newest[node_id]:
+                    newest[node_id] = mark
         for node in nodes:
             mark = newest.get(node.node_id)
             if mark is not None:
                 self.apply(node, mark)
-        return answered
+        yield from self._repair(topology, held, newest)
+        return bool(held)
+
+    def _repair(
+        self, topology: Topology, held: dict[str, dict[str, Mark]], newest: dict[str, Mark]
+    ) -> Flow[None]:
+        """Write an outage still under way back on a holder that lacks it (restarted empty since
+        it was published), so that a process reading there learns of it too."""
+        jobs = {}
+        for holder_id, marks in held.items():
+            missing = [
+                (node_id, mark)
+                for node_id, mark in newest.items()
+                if mark.stage != CLEAN
+                and node_id != holder_id
+                and (node_id not in marks or marks[node_id] < mark)
+            ]
+            holder = topology.node(holder_id)
+            if missing and holder is not None:
+                payload = b"".join(
+                    store(b"set", mark_key(n), encode_mark(m), 0, _MARK_TTL_S) for n, m in missing
+                )
+                jobs[holder_id] = (holder, (payload, [(Expect.STATUS, True)] * len(missing)))
+        if jobs:
+            yield Fanout(jobs, "repair outage marks")
 
     def known(self, node_id: str) -> Mark | None:
         """The newest mark this process knows for ``node_id`` (a node removed and added back gets

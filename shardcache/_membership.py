@@ -72,7 +72,8 @@ class Membership:
         self.prober.start(wake=False)
         fleet = self.prober.fleet
         if fleet is not None:
-            fleet.wait_first_read(min(self._options.timeout or 1.0, 1.0))
+            # one read of the marks: a call's timeout if a holder does not answer, plus margin
+            fleet.wait_first_read(min((self._options.timeout or 1.0) + 1.0, 3.0))
         with self._barrier_lock:  # not _change_lock: change() reads ``topology`` holding it
             if "topology" not in self.__dict__:
                 self.topology = unread

@@ -355,3 +355,17 @@ def test_a_new_process_reads_the_marks_before_its_first_request_uses_the_ring() 
     newcomer.run(fleet_.refresh_flow(newcomer.membership.__dict__["_unread"]))
     reader.join(5)
     assert got and newcomer.node(A).health.state == HEALTH_DOWN  # ...and then knows of the outage
+
+
+def test_a_holder_restarted_empty_gets_an_outage_still_under_way_back_from_a_reader() -> None:
+    first, second = fleet(2)
+    fail(first, A)
+    first.prober_pass()
+    holders = [n for n in NODES if n != A]
+    for holder in holders:
+        first.servers[holder].remove(mark_key(A))  # all restarted empty, but `second` knew
+    second.node(A).fleet_mark = None
+    second.membership.prober.fleet._known.clear()  # type: ignore[union-attr]
+    first.servers[holders[1]].put(mark_key(A), encode_mark(first.node(A).fleet_mark))  # type: ignore[arg-type]
+    passes(second)  # reads the one holder that has it, and writes it back on the others
+    assert all(first.servers[h].peek(mark_key(A)) == encode_mark(first.node(A).fleet_mark) for h in holders)  # type: ignore[arg-type]
