@@ -12,20 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from test_fleet_live import FAST, REFRESH_S
 
 from shardcache import Client
 from shardcache.testing import FaultProxy, LocalCluster
 
 SPAWN = multiprocessing.get_context("spawn")
-FAST = {
-    "connect_timeout": 0.3,
-    "timeout": 0.3,
-    "failure_threshold": 2,
-    "retry_interval_s": 0.2,
-    "max_retry_interval_s": 0.5,
-    "on_error": "miss",
-}
-REFRESH_S = 0.2
 
 
 def _writer(specs: list[str], keys: list[str], out: Any) -> None:

@@ -15,38 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fakes import Cluster
+from test_fleet_attacks import passes, proc, stand_in_of, until_ready
 
 from shardcache import _batch
 from shardcache._fleet import journal_key, mark_key
 from shardcache.health import UP
 
-REFRESH = 0.5
 A = "a:11211"
-
-
-def proc(nodes: list[str], share: Cluster | None = None, **options: Any) -> Cluster:
-    options.setdefault("failover", "remap")
-    options.setdefault("on_error", "miss")
-    return Cluster(nodes, share=share, fleet_refresh_s=REFRESH, **options)
-
-
-def passes(*processes: Cluster, seconds: float = REFRESH) -> None:
-    processes[0].clock.advance(seconds)
-    for process in processes:
-        process.prober_pass()
-
-
-def until_ready(cleaner: Cluster, node_id: str, *others: Cluster, rounds: int = 20) -> None:
-    for _ in range(rounds):
-        passes(cleaner, *others)
-        if cleaner.node(node_id).ready:
-            return
-    raise AssertionError(f"{node_id} never readmitted by the cleaner")
-
-
-def stand_in_of(process: Cluster, key: str) -> str:
-    return process.topology.ring.preference_list(key, 2)[1]
 
 
 @pytest.mark.parametrize("failover", ["remap", "gutter"])
