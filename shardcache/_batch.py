@@ -31,6 +31,7 @@ from shardcache.errors import (
     ValueTooLargeError,
 )
 from shardcache.health import UP
+from shardcache.serde import FLAG_BYTES, DefaultSerde
 
 __all__ = ["cache_memlimit", "delete_many", "fetch", "flush_all", "set_many", "stats", "version"]
 
@@ -86,6 +87,8 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}
     deserialize = core.serde.deserialize
+    # the flags whose data is the value itself (DefaultSerde's bytes): no deserialize call for them
+    plain = FLAG_BYTES if type(core.serde) is DefaultSerde and not with_cas else -1
     for node_id, result in results.items():
         if isinstance(result, NodeError):
             continue
@@ -95,6 +98,9 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
                 core.refused(node, reply, what, None, CallKind.READ)
                 continue
             for item in reply:
+                if type(item) is Value and item[1] == plain:
+                    found[group[item[0]]] = item[2]
+                    continue
                 key = group[item[0]]
                 try:  # Core.decode, written in for the common case
                     if type(item) is Value:
