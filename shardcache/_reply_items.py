@@ -76,12 +76,13 @@ def parse_values(data: bytes, wanted: Any, with_cas: bool, size_limit: int) -> t
     """The items of the whole get/gets reply at the start of ``data`` and the length of that
     reply (its END line included), or None if it is anything else (``ReplyParser._whole_values``).
 
-    A usual header is read by one regex match (``_HEADER``); any other line by :func:`_header`,
-    which accepts or declines exactly the same headers (and a few odd keys the regex leaves out)."""
-    match = _CAS_HEADER if with_cas else _HEADER
+    A usual header is read by one regex match, which after the first item also checks the CRLF
+    that ends the value before it (``_HEADERS``); any other line by :func:`_header`, which accepts
+    or declines exactly the same headers (and a few odd keys the regex leaves out)."""
+    match, match_next = _CAS_HEADERS if with_cas else _HEADERS
     one = type(wanted) is bytes
     items: list[Value] = []
-    pos = 0
+    pos = 0  # where the next header starts; after an item, where the CRLF that ends its value is due
     cas: int | None
     while True:
         found = match(data, pos)
@@ -95,19 +96,21 @@ def parse_values(data: bytes, wanted: Any, with_cas: bool, size_limit: int) -> t
             else:
                 key, flags, size = found.groups()
                 cas = None
-            number, length = int(flags), int(size)
-        elif data.startswith(b"END\r\n", pos):
-            return items, pos + 5
+            number, length = 0 if flags == b"0" else int(flags), int(size)
         else:
+            if items:
+                if not data.startswith(b"\r\n", pos):
+                    return None
+                pos += 2
+            if data.startswith(b"END\r\n", pos):
+                return items, pos + 5
             header = _header(data, pos, with_cas)
             if header is None:
                 return None
             key, number, length, cas, start = header
-        stop = start + length
         if (
             number >= _U32
             or length > size_limit
-            or not data.startswith(b"\r\n", stop)
             or (
                 (key not in wanted if not one else (key != wanted or items))
                 if wanted is not None
@@ -115,14 +118,20 @@ def parse_values(data: bytes, wanted: Any, with_cas: bool, size_limit: int) -> t
             )
         ):
             return None
-        items.append(_new_tuple(Value, (key, number, data[start:stop], cas)))
-        pos = stop + 2
+        pos = start + length
+        items.append(_new_tuple(Value, (key, number, data[start:pos], cas)))
+        match = match_next
 
 
 # What _header accepts, for the usual keys (no CR or LF in them): at most 10 digits for flags and
-# size (below 2**32, never a huge int to parse), 20 for the CAS unique.
-_HEADER: Final = re.compile(rb"VALUE ([^ \r\n]+) ([0-9]{1,10}) ([0-9]{1,10})\r\n").match
-_CAS_HEADER: Final = re.compile(rb"VALUE ([^ \r\n]+) ([0-9]{1,10}) ([0-9]{1,10}) ([0-9]{1,20})\r\n").match
+# size (below 2**32, never a huge int to parse), 20 for the CAS unique. The second of each pair
+# reads a header after a value, with the CRLF that ends the value.
+_VALUE: Final = rb"VALUE ([^ \r\n]+) ([0-9]{1,10}) ([0-9]{1,10})"
+_HEADERS: Final = (re.compile(_VALUE + rb"\r\n").match, re.compile(rb"\r\n" + _VALUE + rb"\r\n").match)
+_CAS_HEADERS: Final = (
+    re.compile(_VALUE + rb" ([0-9]{1,20})\r\n").match,
+    re.compile(rb"\r\n" + _VALUE + rb" ([0-9]{1,20})\r\n").match,
+)
 
 
 def _header(data: bytes, pos: int, with_cas: bool) -> tuple[bytes, int, int, int | None, int] | None:
