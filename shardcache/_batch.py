@@ -31,7 +31,6 @@ from shardcache.errors import (
     ValueTooLargeError,
 )
 from shardcache.health import UP
-from shardcache.serde import FLAG_BYTES, DefaultSerde
 
 __all__ = ["cache_memlimit", "delete_many", "fetch", "flush_all", "set_many", "stats", "version"]
 
@@ -87,8 +86,7 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}
     deserialize = core.serde.deserialize
-    # the flags whose data is the value itself (DefaultSerde's bytes): no deserialize call for them
-    plain = FLAG_BYTES if type(core.serde) is DefaultSerde and not with_cas else -1
+    plain = -1 if with_cas else core.plain_flags  # flags whose data is the value: no serde call
     for node_id, result in results.items():
         if isinstance(result, NodeError):
             continue
