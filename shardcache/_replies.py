@@ -13,6 +13,8 @@ from operator import itemgetter
 from typing import Any, Final
 
 from shardcache._reply_items import (
+    ONE_CAS_VALUE,
+    ONE_VALUE,
     DumpEntry,
     ErrorReply,
     Meta,
@@ -191,26 +193,18 @@ class ReplyParser:
         # one key: not parse_values, whose loop costs a get ~15% more instructions (callgrind)
         if data == b"END\r\n":
             return []
-        if not (data.endswith(b"\r\nEND\r\n") and data.startswith(b"VALUE ")):
-            return None
-        head = data.find(b"\r\n")
-        parts = data[6:head].split(b" ")
         with_cas = kind == _CAS_VALUES
-        if len(parts) != (4 if with_cas else 3) or parts[0] != wanted:
+        match = (ONE_CAS_VALUE if with_cas else ONE_VALUE)(data)
+        if match is None or match[1] != wanted:
             return None
-        flags, size = parts[1], parts[2]
-        # at most 10 digits each: below 2**32, and never a huge int to parse
-        if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):
-            return None
-        number, length, start = int(flags), int(size), head + 2
+        flags, size = match[2], match[3]
+        cas = int(match[4]) if with_cas else None
+        start = match.end(4 if with_cas else 3) + 2
+        number, length = 0 if flags == b"0" else int(flags), int(size)
         if number >= _U32 or length > self._max_value or start + length + 7 != len(data):
             return None
-        cas = None
-        if with_cas:
-            token = parts[3]
-            if not (token.isdigit() and len(token) <= 20) or int(token) >= _U64:
-                return None
-            cas = int(token)
+        if cas is not None and cas >= _U64:
+            return None
         return [_new_tuple(Value, (wanted, number, data[start : start + length], cas))]
 
     # -- parsing --------------------------------------------------------------------------------

@@ -132,6 +132,9 @@ _CAS_HEADERS: Final = (
     re.compile(_VALUE + rb" ([0-9]{1,20})\r\n").match,
     re.compile(rb"\r\n" + _VALUE + rb" ([0-9]{1,20})\r\n").match,
 )
+# A whole one-key get/gets reply (for ``ReplyParser.whole``), the value's length still to check.
+ONE_VALUE: Final = re.compile(_VALUE + rb"\r\n.*\r\nEND\r\n", re.DOTALL).fullmatch
+ONE_CAS_VALUE: Final = re.compile(_VALUE + rb" ([0-9]{1,20})\r\n.*\r\nEND\r\n", re.DOTALL).fullmatch
 
 
 def _header(data: bytes, pos: int, with_cas: bool) -> tuple[bytes, int, int, int | None, int] | None:
