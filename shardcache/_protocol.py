@@ -140,10 +140,15 @@ class KeyCodec:
 
     def wire(self, key: object) -> tuple[bytes, bytes]:
         """``(hashed key, key as sent)``; ``KeyValidationError`` naming the key if it is unsafe."""
-        # the common case, an ASCII str, without a call to raw()
-        raw = key.encode("ascii") if type(key) is str and key.isascii() else self.raw(key)
+        # The common case, an ASCII str, without a call to raw() and without the regex scan: an
+        # ASCII str is printable and has no space exactly when it has no byte _BAD_KEY_BYTE finds
+        # (the prefix was checked when the codec was made).
+        if type(key) is str and key.isascii():
+            raw, clean = key.encode(), key.isprintable() and " " not in key
+        else:
+            raw, clean = self.raw(key), False
         wire = self.prefix + raw if self.prefix else raw
-        if not raw or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+        if not raw or len(wire) > MAX_KEY_LENGTH or (not clean and _BAD_KEY_BYTE(wire)):
             raise KeyValidationError(_key_problem(key, raw, wire))
         return (wire if self._hash_prefix else raw), wire
 
