@@ -148,7 +148,7 @@ def set_many(
         noreply = core.noreply
     expire = proto.check_expire(expire)
     capped = core.router.capped_ttl(expire)
-    hashed = hashed_keys(core, (key for key, _ in items), "set_many")
+    hashed = hashed_keys(core, [key for key, _ in items], "set_many")
     encoded: dict[bytes, tuple[bytes, int]] = {}
     commands: dict[bytes, bytes] = {}  # with the key's own expire (a stand-in's is capped below)
     encode, store = core.encode, proto.store

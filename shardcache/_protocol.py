@@ -95,6 +95,7 @@ _I32_MAX: Final = 2**31 - 1
 _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]").search
 _BAD_NON_SPACE = re.compile(rb"[\x00-\x1f\x7f]").search
 _ONLY_BYTES: Final = {bytes}
+_ONLY_STR: Final = {str}
 _STAT_TOKEN = re.compile(rb"[\x21-\x7e]+").fullmatch
 
 NOOP: Final = b"mn\r\n"
@@ -155,6 +156,10 @@ class KeyCodec:
     def wire_many(self, keys: Iterable[Any]) -> list[tuple[Any, bytes, bytes]]:
         """``(key, hashed key, wire key)`` of each key, checked as :meth:`wire` does, in one call
         (the loop of a batch); a bytearray or memoryview key becomes bytes (a dict key)."""
+        if type(keys) is list or type(keys) is tuple:
+            usual = self._wire_ascii(keys)
+            if usual is not None:
+                return usual
         prefix, hash_prefix, out = self.prefix, self._hash_prefix, []
         key: Any
         for given in keys:
@@ -172,6 +177,19 @@ class KeyCodec:
             key, _, wire = next(item for item in out if _BAD_KEY_BYTE(item[2]))
             raise KeyValidationError(_key_problem(key, wire, wire))
         return out
+
+    def _wire_ascii(self, keys: list[Any] | tuple[Any, ...]) -> list[tuple[Any, bytes, bytes]] | None:
+        """:meth:`wire_many` of the usual batch, ASCII str keys that are all fine, in loops that run
+        in C; None for anything else (its loop then checks key by key and names a bad one)."""
+        if not keys or set(map(type, keys)) != _ONLY_STR or not "".join(keys).isascii():
+            return None
+        raws = list(map(str.encode, keys))
+        wires = list(map(self.prefix.__add__, raws)) if self.prefix else raws
+        if min(map(len, raws)) == 0 or max(map(len, wires)) > MAX_KEY_LENGTH:
+            return None
+        if _BAD_KEY_BYTE(b"".join(wires)):
+            return None
+        return list(zip(keys, wires if self._hash_prefix else raws, wires, strict=True))
 
     def unprefixed(self, wire: bytes) -> bytes:
         """The hashed form of a wire key read back from a server (``lru_crawler metadump``)."""
