@@ -77,12 +77,14 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
     expect = Expect.CAS_VALUES if with_cas else Expect.VALUES
     for node_id, group in plan.groups.items():
         wires = list(group)
-        chunks = [wires[i : i + _KEYS_PER_GET] for i in range(0, len(wires), _KEYS_PER_GET)]
-        payload = b"".join(proto.retrieve(chunk, cas=with_cas) for chunk in chunks)
-        jobs[node_id] = (
-            plan.targets[node_id],
-            (payload, [(expect, False, frozenset(c)) for c in chunks]),
-        )
+        expects: list[tuple[int, bool, Any]]
+        if len(wires) <= _KEYS_PER_GET:  # one command whose keys are the group's: no set to build
+            payload, expects = proto.retrieve(wires, cas=with_cas), [(expect, False, group)]
+        else:
+            chunks = [wires[i : i + _KEYS_PER_GET] for i in range(0, len(wires), _KEYS_PER_GET)]
+            payload = b"".join(proto.retrieve(chunk, cas=with_cas) for chunk in chunks)
+            expects = [(expect, False, frozenset(c)) for c in chunks]
+        jobs[node_id] = (plan.targets[node_id], (payload, expects))
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}
     deserialize = core.serde.deserialize
