@@ -151,12 +151,15 @@ def set_many(
     expire = proto.check_expire(expire)
     capped = core.router.capped_ttl(expire)
     hashed = hashed_keys(core, [key for key, _ in items], "set_many")
-    encoded: dict[bytes, tuple[bytes, int]] = {}
-    commands: dict[bytes, bytes] = {}  # with the key's own expire (a stand-in's is capped below)
-    encode, store = core.encode, proto.store
-    for (_, _, wire), (_, value) in zip(hashed, items, strict=True):
-        data, item_flags = encoded[wire] = encode(wire, value, flags)
-        commands[wire] = store(b"set", wire, data, item_flags, expire, noreply=noreply)
+    encode = core.encode
+    plain = flags is None and core.plain_flags == 0  # bytes are stored as they are (Core.encode)
+    encoded = {
+        wire: (value, 0) if plain and type(value) is bytes else encode(wire, value, flags)
+        for (_, _, wire), (_, value) in zip(hashed, items, strict=True)
+    }
+    # with the key's own expire (a stand-in's is capped below)
+    lines = proto.store_many(b"set", [(w, d, f) for w, (d, f) in encoded.items()], expire, noreply=noreply)
+    commands = dict(zip(encoded, lines, strict=True))
     topology = core.topology
     if topology.previous is not None:  # in a window the previous owners' copies go first
         yield from forget_previous(core, topology, _owners(core, hashed))
