@@ -15,8 +15,8 @@ from typing import Any, Final
 from pymemcache.client.base import STAT_TYPES
 
 from shardcache import _protocol as proto
-from shardcache._commands import _MISSING, CasToken, Core, refusal
-from shardcache._events import report_failure
+from shardcache._commands import _MISSING, CasToken, Core
+from shardcache._events import refusal, report_failure
 from shardcache._fleet import journal_plan
 from shardcache._flows import Each, Fanout, Flow, Job
 from shardcache._protocol import ErrorReply, Expect, Value
@@ -78,15 +78,18 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
     expect = Expect.CAS_VALUES if with_cas else Expect.VALUES
     for node_id, group in plan.groups.items():
         wires = list(group)
-        chunks = [wires[i : i + _KEYS_PER_GET] for i in range(0, len(wires), _KEYS_PER_GET)]
-        payload = b"".join(proto.retrieve(chunk, cas=with_cas) for chunk in chunks)
-        jobs[node_id] = (
-            plan.targets[node_id],
-            (payload, [(expect, False, frozenset(c)) for c in chunks]),
-        )
+        expects: list[tuple[int, bool, Any]]
+        if len(wires) <= _KEYS_PER_GET:  # one command whose keys are the group's: no set to build
+            payload, expects = proto.retrieve(wires, cas=with_cas), [(expect, False, group)]
+        else:
+            chunks = [wires[i : i + _KEYS_PER_GET] for i in range(0, len(wires), _KEYS_PER_GET)]
+            payload = b"".join(proto.retrieve(chunk, cas=with_cas) for chunk in chunks)
+            expects = [(expect, False, frozenset(c)) for c in chunks]
+        jobs[node_id] = (plan.targets[node_id], (payload, expects))
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}
     deserialize = core.serde.deserialize
+    plain = -1 if with_cas else core.plain_flags  # flags whose data is the value: no serde call
     for node_id, result in results.items():
         if isinstance(result, NodeError):
             continue
@@ -96,6 +99,9 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
                 core.refused(node, reply, what, None, CallKind.READ)
                 continue
             for item in reply:
+                if type(item) is Value and item[1] == plain:
+                    found[group[item[0]]] = item[2]
+                    continue
                 key = group[item[0]]
                 try:  # Core.decode, written in for the common case
                     if type(item) is Value:
@@ -145,13 +151,16 @@ def set_many(
         noreply = core.noreply
     expire = proto.check_expire(expire)
     capped = core.router.capped_ttl(expire)
-    hashed = hashed_keys(core, (key for key, _ in items), "set_many")
-    encoded: dict[bytes, tuple[bytes, int]] = {}
-    commands: dict[bytes, bytes] = {}  # with the key's own expire (a stand-in's is capped below)
-    encode, store = core.encode, proto.store
-    for (_, _, wire), (_, value) in zip(hashed, items, strict=True):
-        data, item_flags = encoded[wire] = encode(wire, value, flags)
-        commands[wire] = store(b"set", wire, data, item_flags, expire, noreply=noreply)
+    hashed = hashed_keys(core, [key for key, _ in items], "set_many")
+    encode = core.encode
+    plain = flags is None and core.plain_flags == 0  # bytes are stored as they are (Core.encode)
+    encoded = {
+        wire: (value, 0) if plain and type(value) is bytes else encode(wire, value, flags)
+        for (_, _, wire), (_, value) in zip(hashed, items, strict=True)
+    }
+    # with the key's own expire (a stand-in's is capped below)
+    lines = proto.store_many(b"set", [(w, d, f) for w, (d, f) in encoded.items()], expire, noreply=noreply)
+    commands = dict(zip(encoded, lines, strict=True))
     topology = core.topology
     if topology.previous is not None:  # in a window the previous owners' copies go first
         yield from forget_previous(core, topology, _owners(core, hashed))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from shardcache import _protocol as proto
-from shardcache._events import Events, report_failure
+from shardcache._events import Events, refusal, report_failure
 from shardcache._fleet import recorded
 from shardcache._flows import Call, Flow, Quiet
 from shardcache._options import Options
@@ -33,16 +33,15 @@ from shardcache._warmup import forget_previous, warm
 from shardcache.errors import (
     ArgumentError,
     CasConflictError,
-    CommandError,
     NodeError,
     NodeUnavailableError,
     ProtocolError,
     SerializationError,
     ServerError,
-    ShardcacheError,
     ValueTooLargeError,
 )
 from shardcache.health import Event
+from shardcache.serde import FLAG_BYTES, DefaultSerde
 
 __all__ = ["FLOW", "UNAVAILABLE", "CasToken", "Core", "Engine", "Request"]
 
@@ -80,13 +79,16 @@ class Core:
     """What every flow of one client shares: options, keys, serde, router, topology, events.
     Immutable apart from the topology reference it reads from ``membership``; thread-safe."""
 
-    __slots__ = ("events", "journal", "keys", "membership", "miss_on_error", "noreply", "options", "router",
-                 "serde")  # fmt: skip
+    __slots__ = ("events", "journal", "keys", "membership", "miss_on_error", "noreply", "options",
+                 "plain_flags", "router", "serde")  # fmt: skip
 
     def __init__(self, options: Options, membership: Any, router: Router, events: Events) -> None:
         self.options = options
         self.keys = options.key_codec()
         self.serde = options.serde
+        # The flags of items whose data is the value itself (DefaultSerde's bytes), read and
+        # written without a serde call on the hot paths; -1 (no item has them) for other serdes.
+        self.plain_flags = FLAG_BYTES if type(self.serde) is DefaultSerde else -1
         self.membership = membership
         self.router = router
         self.events = events
@@ -103,6 +105,8 @@ class Core:
 
     def encode(self, wire: bytes, value: Any, flags: int | None) -> tuple[bytes, int]:
         """``value`` serialized for ``wire``: (data, flags); nothing is sent if this raises."""
+        if type(value) is bytes and flags is None and self.plain_flags == FLAG_BYTES:
+            return value, FLAG_BYTES  # what DefaultSerde.serialize returns, without its call
         data, data_flags = self.serde.serialize(wire, value)
         if flags is not None:
             data_flags = flags
@@ -133,7 +137,8 @@ class Core:
         """What a one-key ``get`` returns for ``reply`` from ``node``: the value, or ``default``
         for a miss (or an error reply or an unreadable value if they do not raise: see
         :meth:`refused`, :meth:`decode`). The hot path: a readable value without :meth:`decode`'s
-        frame, which handles everything else (as ``_batch.fetch`` does)."""
+        frame (a plain one without a serde call), which handles everything else (as
+        ``_batch.fetch`` does)."""
         if type(reply) is not list:
             self.refused(node, reply, "get", key, _READ)
             return default
@@ -141,8 +146,11 @@ class Core:
             return default
         item = reply[0]
         if type(item) is Value:
+            wire, flags, data, _ = item
+            if flags == self.plain_flags:
+                return data
             try:
-                return self.serde.deserialize(item.key, item.data, item.flags)
+                return self.serde.deserialize(wire, data, flags)
             except Exception:  # decode reads it again: it raises, or reports and misses
                 pass
         value = self.decode(node, key, item)
@@ -217,22 +225,6 @@ class Engine(NamedTuple):
 
     core: Core
     run: Callable[[Flow[Any]], Any]
-
-
-def refusal(node: Node, reply: ErrorReply, what: str, key: Any) -> ShardcacheError:
-    """Our exception for an error reply from ``node``."""
-    node_id = node.node_id
-    if reply.kind == "SERVER_ERROR":
-        if "too large" in reply.message:
-            return ValueTooLargeError(
-                f"memcached node {node_id} refused the value for {key!r}: {reply.message}", key, node_id
-            )
-        return ServerError(f"memcached node {node_id}: SERVER_ERROR {reply.message} ({what})", node_id)
-    if reply.kind == "CLIENT_ERROR":
-        return CommandError(f"memcached node {node_id} refused {what}: {reply.message}", node_id)
-    return CommandError(
-        f"memcached node {node_id} refused {what}: {reply.kind} {reply.message}".rstrip(), node_id
-    )
 
 
 # -- reads ----------------------------------------------------------------------------------------

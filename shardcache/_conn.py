@@ -153,7 +153,7 @@ class Connection:
             self.wait(deadline)
         else:
             left = deadline - _monotonic()
-            if left <= 0 or not self._poll.poll(int(left * 1000) + 1):
+            if left <= 0 or not self._poll.poll(left * 1000):
                 raise self.timed_out()
         data = self.recv_some()
         if data is not None:
@@ -196,7 +196,7 @@ class Connection:
             left = deadline - _monotonic()
             if left <= 0:
                 raise self.timed_out()
-            timeout_ms = int(left * 1000) + 1
+            timeout_ms = left * 1000  # a float: poll rounds it up, so it never wakes before the deadline
         if not self._poll.poll(timeout_ms):
             raise self.timed_out()
 
@@ -280,7 +280,7 @@ def _connect_socket(sock: Any, address: Any, deadline: float | None, node_id: st
     poller = select.poll()
     poller.register(sock.fileno(), _POLLOUT)
     left = None if deadline is None else deadline - _monotonic()
-    if (left is not None and left <= 0) or not poller.poll(None if left is None else int(left * 1000) + 1):
+    if (left is not None and left <= 0) or not poller.poll(None if left is None else left * 1000):
         raise NodeTimeoutError(f"memcached node {node_id}: connect timed out", node_id)
     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if code:

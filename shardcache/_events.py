@@ -10,12 +10,23 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shardcache.errors import NodeUnavailableError, ProtocolError, ServerError
+from shardcache._reply_items import ErrorReply
+from shardcache.errors import (
+    CommandError,
+    NodeUnavailableError,
+    ProtocolError,
+    ServerError,
+    ShardcacheError,
+    ValueTooLargeError,
+)
 from shardcache.health import Event
 
-__all__ = ["EVENT_KINDS", "Events", "report_failure"]
+if TYPE_CHECKING:
+    from shardcache._topology import Node
+
+__all__ = ["EVENT_KINDS", "Events", "refusal", "report_failure"]
 
 logger = logging.getLogger("shardcache")
 
@@ -76,3 +87,19 @@ def report_failure(events: Events, node: Any, err: BaseException, what: str, key
     towards marking it DOWN) and emit an ``error`` event."""
     node.report_failure(err)
     events.emit(Event("error", node.node_id, f"{err} ({what})" if what else str(err), err, key))
+
+
+def refusal(node: Node, reply: ErrorReply, what: str, key: Any) -> ShardcacheError:
+    """Our exception for an error reply from ``node``."""
+    node_id = node.node_id
+    if reply.kind == "SERVER_ERROR":
+        if "too large" in reply.message:
+            return ValueTooLargeError(
+                f"memcached node {node_id} refused the value for {key!r}: {reply.message}", key, node_id
+            )
+        return ServerError(f"memcached node {node_id}: SERVER_ERROR {reply.message} ({what})", node_id)
+    if reply.kind == "CLIENT_ERROR":
+        return CommandError(f"memcached node {node_id} refused {what}: {reply.message}", node_id)
+    return CommandError(
+        f"memcached node {node_id} refused {what}: {reply.kind} {reply.message}".rstrip(), node_id
+    )

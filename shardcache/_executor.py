@@ -273,7 +273,7 @@ class Executor:
                 timeout_ms = None
             else:
                 left = deadline - _monotonic()
-                timeout_ms = int(left * 1000) + 1 if left > 0 else 0
+                timeout_ms = left * 1000 if left > 0 else 0  # poll rounds a float up: never early
             ready = poller.poll(timeout_ms) if timeout_ms != 0 else []
             if not ready:
                 for fd, pending in list(active.items()):

@@ -83,6 +83,7 @@ __all__ = [
     "retrieve",
     "stats",
     "store",
+    "store_many",
     "touch",
     "version",
 ]
@@ -98,6 +99,8 @@ _I32_MAX: Final = 2**31 - 1
 _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]").search
 _BAD_NON_SPACE = re.compile(rb"[\x00-\x1f\x7f]").search
 _ONLY_BYTES: Final = {bytes}
+_ONLY_STR: Final = {str}
+_ONLY_INT: Final = {int}
 _STAT_TOKEN = re.compile(rb"[\x21-\x7e]+").fullmatch
 
 NOOP: Final = b"mn\r\n"
@@ -143,16 +146,25 @@ class KeyCodec:
 
     def wire(self, key: object) -> tuple[bytes, bytes]:
         """``(hashed key, key as sent)``; ``KeyValidationError`` naming the key if it is unsafe."""
-        # the common case, an ASCII str, without a call to raw()
-        raw = key.encode("ascii") if type(key) is str and key.isascii() else self.raw(key)
+        # The common case, an ASCII str, without a call to raw() and without the regex scan: an
+        # ASCII str is printable and has no space exactly when it has no byte _BAD_KEY_BYTE finds
+        # (the prefix was checked when the codec was made).
+        if type(key) is str and key.isascii():
+            raw, clean = key.encode(), key.isprintable() and " " not in key
+        else:
+            raw, clean = self.raw(key), False
         wire = self.prefix + raw if self.prefix else raw
-        if not raw or len(wire) > MAX_KEY_LENGTH or _BAD_KEY_BYTE(wire):
+        if not raw or len(wire) > MAX_KEY_LENGTH or (not clean and _BAD_KEY_BYTE(wire)):
             raise KeyValidationError(_key_problem(key, raw, wire))
         return (wire if self._hash_prefix else raw), wire
 
     def wire_many(self, keys: Iterable[Any]) -> list[tuple[Any, bytes, bytes]]:
         """``(key, hashed key, wire key)`` of each key, checked as :meth:`wire` does, in one call
         (the loop of a batch); a bytearray or memoryview key becomes bytes (a dict key)."""
+        if type(keys) is list or type(keys) is tuple:
+            usual = self._wire_ascii(keys)
+            if usual is not None:
+                return usual
         prefix, hash_prefix, out = self.prefix, self._hash_prefix, []
         key: Any
         for given in keys:
@@ -170,6 +182,19 @@ class KeyCodec:
             key, _, wire = next(item for item in out if _BAD_KEY_BYTE(item[2]))
             raise KeyValidationError(_key_problem(key, wire, wire))
         return out
+
+    def _wire_ascii(self, keys: list[Any] | tuple[Any, ...]) -> list[tuple[Any, bytes, bytes]] | None:
+        """:meth:`wire_many` of the usual batch, ASCII str keys that are all fine, in loops that run
+        in C; None for anything else (its loop then checks key by key and names a bad one)."""
+        if not keys or set(map(type, keys)) != _ONLY_STR or not "".join(keys).isascii():
+            return None
+        raws = list(map(str.encode, keys))
+        wires = list(map(self.prefix.__add__, raws)) if self.prefix else raws
+        if min(map(len, raws)) == 0 or max(map(len, wires)) > MAX_KEY_LENGTH:
+            return None
+        if _BAD_KEY_BYTE(b"".join(wires)):
+            return None
+        return list(zip(keys, wires if self._hash_prefix else raws, wires, strict=True))
 
     def unprefixed(self, wire: bytes) -> bytes:
         """The hashed form of a wire key read back from a server (``lru_crawler metadump``)."""
@@ -292,6 +317,36 @@ def store(
     if noreply:
         tail += b" noreply"
     return b"%b %b %d %d %d%b\r\n%b\r\n" % (command, wire, flags, expire, len(data), tail, data)
+
+
+def store_many(
+    command: bytes, items: Sequence[tuple[bytes, bytes, int]], expire: int, *, noreply: bool = False
+) -> list[bytes]:
+    """:func:`store` of each ``(wire, data, flags)`` (not ``cas``), the checks made once for the
+    batch where they can be (one scan of all the keys, as :func:`retrieve` does); if anything is
+    off, item by item with :func:`store`, which raises naming the bad one."""
+    if command == b"cas" or not items:
+        return [store(command, w, d, f, expire, noreply=noreply) for w, d, f in items]
+    wires, datas, flags = zip(*items, strict=True)
+    try:
+        well_formed = (
+            set(map(type, wires)) == _ONLY_BYTES
+            and set(map(type, datas)) == _ONLY_BYTES
+            and set(map(type, flags)) == _ONLY_INT
+            and min(map(len, wires)) > 0
+            and max(map(len, wires)) <= MAX_KEY_LENGTH
+            and min(flags) >= 0
+            and max(flags) < _U32
+            and not _BAD_KEY_BYTE(b"".join(wires))
+        )
+    except TypeError:
+        well_formed = False
+    if not well_formed or type(command) is not bytes or command not in _STORE_COMMANDS:
+        return [store(command, w, d, f, expire, noreply=noreply) for w, d, f in items]
+    if type(expire) is not int or not _I32_MIN <= expire <= _I32_MAX:
+        expire = check_expire(expire)
+    line = b"%b %%b %%d %d %%d%b\r\n%%b\r\n" % (command, expire, b" noreply" if noreply else b"")
+    return [line % (w, f, len(d), d) for w, d, f in items]
 
 
 def retrieve_one(wire: bytes, cas: bool = False) -> bytes:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from itertools import repeat
+from itertools import islice, repeat
 from operator import itemgetter
 from typing import Any, Final
 
 from shardcache._reply_items import (
+    ONE_CAS_VALUE,
+    ONE_VALUE,
     DumpEntry,
     ErrorReply,
     Meta,
@@ -74,6 +76,7 @@ NEED_DATA: Final = object()  # next() has no complete reply yet: feed more bytes
 
 _STATUS_LINES = frozenset((b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DELETED", b"TOUCHED"))
 _STATUS_REPLIES: Final = {line + b"\r\n": line for line in _STATUS_LINES}
+_STORED, _STORED_CRLF, _ONLY_STATUS = b"STORED", b"STORED\r\n", {_STATUS}
 _META_STATUSES = frozenset((b"HD", b"EN", b"NF", b"NS", b"EX", b"MN"))
 
 
@@ -191,26 +194,18 @@ class ReplyParser:
         # one key: not parse_values, whose loop costs a get ~15% more instructions (callgrind)
         if data == b"END\r\n":
             return []
-        if not (data.endswith(b"\r\nEND\r\n") and data.startswith(b"VALUE ")):
-            return None
-        head = data.find(b"\r\n")
-        parts = data[6:head].split(b" ")
         with_cas = kind == _CAS_VALUES
-        if len(parts) != (4 if with_cas else 3) or parts[0] != wanted:
+        match = (ONE_CAS_VALUE if with_cas else ONE_VALUE)(data)
+        if match is None or match[1] != wanted:
             return None
-        flags, size = parts[1], parts[2]
-        # at most 10 digits each: below 2**32, and never a huge int to parse
-        if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):
-            return None
-        number, length, start = int(flags), int(size), head + 2
+        flags, size = match[2], match[3]
+        cas = int(match[4]) if with_cas else None
+        start = match.end(4 if with_cas else 3) + 2
+        number, length = 0 if flags == b"0" else int(flags), int(size)
         if number >= _U32 or length > self._max_value or start + length + 7 != len(data):
             return None
-        cas = None
-        if with_cas:
-            token = parts[3]
-            if not (token.isdigit() and len(token) <= 20) or int(token) >= _U64:
-                return None
-            cas = int(token)
+        if cas is not None and cas >= _U64:
+            return None
         return [_new_tuple(Value, (wanted, number, data[start : start + length], cas))]
 
     # -- parsing --------------------------------------------------------------------------------
@@ -256,6 +251,13 @@ class ReplyParser:
         loop, with the usual status lines (the replies of a pipelined ``set_many``) read in place."""
         out: list[Any] = []
         expect, buf = self._expect, self._buf
+        if limit > 1 and not (self._need or self._skip or self._ready is not None):
+            count = _stored_run(buf, self._pos, expect, limit)
+            if count:
+                self._pos = self._scan = self._pos + 8 * count
+                for _ in range(count):
+                    expect.popleft()
+                out = [_STORED] * count
         while len(out) < limit:
             if (
                 expect
@@ -500,6 +502,14 @@ class ReplyParser:
 
 
 _NOOP_DONE: Final = object()
+
+
+def _stored_run(buf: bytearray, pos: int, expect: deque[tuple[int, bool, Any]], limit: int) -> int:
+    """How many of the next ``limit`` replies, if more than one, are STORED lines to STATUS
+    requests (a set_many's, the usual case), found with one comparison; 0 if not all are."""
+    count = min(limit, len(expect), (len(buf) - pos) // 8)
+    stored = count > 1 and buf.startswith(_STORED_CRLF * count, pos)
+    return count if stored and set(map(_first, islice(expect, count))) == _ONLY_STATUS else 0
 
 
 def _number(token: bytes) -> int | None:

@@ -5,6 +5,7 @@ the slow way, or refuses it)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final, NamedTuple
 from urllib.parse import unquote_to_bytes
 
@@ -73,26 +74,43 @@ class DumpEntry(NamedTuple):
 
 def parse_values(data: bytes, wanted: Any, with_cas: bool, size_limit: int) -> tuple[list[Value], int] | None:
     """The items of the whole get/gets reply at the start of ``data`` and the length of that
-    reply (its END line included), or None if it is anything else (``ReplyParser._whole_values``)."""
-    find, fields, one, pos = data.find, 5 if with_cas else 4, type(wanted) is bytes, 0
+    reply (its END line included), or None if it is anything else (``ReplyParser._whole_values``).
+
+    A usual header is read by one regex match, which after the first item also checks the CRLF
+    that ends the value before it (``_HEADERS``); any other line by :func:`_header`, which accepts
+    or declines exactly the same headers (and the odd keys the regex leaves out)."""
+    match, match_next = _CAS_HEADERS if with_cas else _HEADERS
+    one = type(wanted) is bytes
     items: list[Value] = []
+    pos = 0  # where the next header starts; after an item, where the CRLF that ends its value is due
+    cas: int | None
     while True:
-        head = find(b"\r\n", pos)
-        if head < 0:
-            return None
-        parts = data[pos:head].split(b" ")
-        if len(parts) != fields or parts[0] != b"VALUE":
-            return (items, head + 2) if parts == [b"END"] else None
-        key, flags, size = parts[1], parts[2], parts[3]
-        # at most 10 digits each: below 2**32, and never a huge int to parse
-        if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):
-            return None
-        length, number, start = int(size), int(flags), head + 2
-        stop = start + length
+        found = match(data, pos)
+        if found is not None:
+            start = found.end()
+            if with_cas:
+                key, flags, size, token = found.groups()
+                cas = int(token)
+                if cas >= _U64:
+                    return None
+            else:
+                key, flags, size = found.groups()
+                cas = None
+            number, length = 0 if flags == b"0" else int(flags), int(size)
+        else:
+            if items:
+                if not data.startswith(b"\r\n", pos):
+                    return None
+                pos += 2
+            if data.startswith(b"END\r\n", pos):
+                return items, pos + 5
+            header = _header(data, pos, with_cas)
+            if header is None:
+                return None
+            key, number, length, cas, start = header
         if (
             number >= _U32
             or length > size_limit
-            or data[stop : stop + 2] != b"\r\n"
             or (
                 (key not in wanted if not one else (key != wanted or items))
                 if wanted is not None
@@ -100,14 +118,45 @@ def parse_values(data: bytes, wanted: Any, with_cas: bool, size_limit: int) -> t
             )
         ):
             return None
-        cas = None
-        if with_cas:
-            token = parts[4]
-            if not (token.isdigit() and len(token) <= 20) or int(token) >= _U64:
-                return None
-            cas = int(token)
-        items.append(_new_tuple(Value, (key, number, data[start:stop], cas)))
-        pos = stop + 2
+        pos = start + length
+        items.append(_new_tuple(Value, (key, number, data[start:pos], cas)))
+        match = match_next
+
+
+# What _header accepts, for the usual keys (no byte below "!": one range test per byte is the
+# fastest the regex engine does): at most 10 digits for flags and size (below 2**32, never a huge
+# int to parse), 20 for the CAS unique. The second of each pair reads a header after a value,
+# with the CRLF that ends the value.
+_VALUE: Final = rb"VALUE ([!-\xff]+) ([0-9]{1,10}) ([0-9]{1,10})"
+_HEADERS: Final = (re.compile(_VALUE + rb"\r\n").match, re.compile(rb"\r\n" + _VALUE + rb"\r\n").match)
+_CAS_HEADERS: Final = (
+    re.compile(_VALUE + rb" ([0-9]{1,20})\r\n").match,
+    re.compile(rb"\r\n" + _VALUE + rb" ([0-9]{1,20})\r\n").match,
+)
+# A whole one-key get/gets reply (for ``ReplyParser.whole``), the value's length still to check.
+ONE_VALUE: Final = re.compile(_VALUE + rb"\r\n.*\r\nEND\r\n", re.DOTALL).fullmatch
+ONE_CAS_VALUE: Final = re.compile(_VALUE + rb" ([0-9]{1,20})\r\n.*\r\nEND\r\n", re.DOTALL).fullmatch
+
+
+def _header(data: bytes, pos: int, with_cas: bool) -> tuple[bytes, int, int, int | None, int] | None:
+    """``(key, flags, size, cas, where the data starts)`` of the value header line at ``pos``, or
+    None if it is not one (an unfinished line included)."""
+    head = data.find(b"\r\n", pos)
+    if head < 0:
+        return None
+    parts = data[pos:head].split(b" ")
+    if len(parts) != (5 if with_cas else 4) or parts[0] != b"VALUE":
+        return None
+    key, flags, size = parts[1], parts[2], parts[3]
+    if not (flags.isdigit() and size.isdigit() and len(flags) <= 10 and len(size) <= 10):
+        return None
+    cas = None
+    if with_cas:
+        token = parts[4]
+        if not (token.isdigit() and len(token) <= 20) or int(token) >= _U64:
+            return None
+        cas = int(token)
+    return key, int(flags), int(size), cas, head + 2
 
 
 def error_reply(line: bytes, data_block: bool) -> ErrorReply | None:
