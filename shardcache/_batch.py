@@ -17,11 +17,11 @@ from pymemcache.client.base import STAT_TYPES
 from shardcache import _protocol as proto
 from shardcache._commands import _MISSING, CasToken, Core
 from shardcache._events import refusal, report_failure
-from shardcache._fleet import journal_plan
+from shardcache._fleet import USER_FLAGS, journal_plan, read_copies, tagged
 from shardcache._flows import Each, Fanout, Flow, Job
 from shardcache._protocol import ErrorReply, Expect, Value
 from shardcache._router import CallKind, Plan
-from shardcache._topology import Node
+from shardcache._topology import Node, Topology
 from shardcache._warmup import forget_previous, warm
 from shardcache.errors import (
     ArgumentError,
@@ -50,6 +50,42 @@ def hashed_keys(core: Core, keys: Any, what: str) -> Hashed:
 def _owners(core: Core, hashed: Hashed) -> list[tuple[bytes, bytes, Node]]:
     topology = core.topology
     return [(hash_key, wire, topology.owner(hash_key)) for _, hash_key, wire in hashed]
+
+
+def _drop_untaggable(plan: Plan, owners: dict[bytes, Node], encoded: dict[bytes, tuple[bytes, int]]) -> None:
+    """Keys for stand-ins whose flags leave no room for the stand-in tag: not written there, and
+    reported as keys of a node that is down."""
+    for target_id, group in list(plan.groups.items()):
+        for wire in [w for w in group if w in owners and encoded[w][1] > USER_FLAGS]:
+            del group[wire]
+            owner = owners[wire]
+            plan.down.setdefault(
+                owner.node_id,
+                NodeUnavailableError(
+                    f"memcached node {owner.node_id} is down and a value's flags above {USER_FLAGS} "
+                    "leave no room for the stand-in tag: not written elsewhere (set_many)",
+                    owner.node_id,
+                ),
+            )
+        if not group:
+            del plan.groups[target_id], plan.targets[target_id]
+
+
+def _owners_of_moved(
+    topology: Topology, plan: Plan, hashed: list[tuple[Any, bytes, bytes]]
+) -> dict[bytes, Node]:
+    """The owner of each key a multi-key call sends to a stand-in (none: an empty dict)."""
+    moved = plan.moved
+    return {wire: topology.owner(h) for _, h, wire in hashed if wire in moved} if moved else {}
+
+
+def _this_outages(reply: list[Any], owners: dict[bytes, Node]) -> list[Any]:
+    """A stand-in's items: its own keys as they are, copies only if made in this outage."""
+    return [
+        kept
+        for item in reply
+        for kept in ([item] if item[0] not in owners else read_copies(owners[item[0]], [item]))
+    ]
 
 
 def _settle(
@@ -88,6 +124,7 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
         jobs[node_id] = (plan.targets[node_id], (payload, expects))
     results = (yield Fanout(jobs, what)) if jobs else {}
     found: dict[Any, Any] = {}
+    copies_of = _owners_of_moved(topology, plan, hashed)
     deserialize = core.serde.deserialize
     plain = -1 if with_cas else core.plain_flags  # flags whose data is the value: no serde call
     for node_id, result in results.items():
@@ -98,7 +135,8 @@ def fetch(core: Core, keys: Any, *, with_cas: bool) -> Flow[dict[Any, Any]]:
             if type(reply) is ErrorReply:
                 core.refused(node, reply, what, None, CallKind.READ)
                 continue
-            for item in reply:
+            items = _this_outages(reply, copies_of) if copies_of else reply
+            for item in items:
                 if type(item) is Value and item[1] == plain:
                     found[group[item[0]]] = item[2]
                     continue
@@ -166,16 +204,19 @@ def set_many(
         yield from forget_previous(core, topology, _owners(core, hashed))
     kind = CallKind.REPLACING_WRITE
     plan = core.router.plan(topology, hashed, kind, "set_many")
+    owners = _owners_of_moved(topology, plan, hashed)
+    _drop_untaggable(plan, owners, encoded)
     if core.journal and plan.moved:
         yield from journal_plan(topology, plan, hashed)
     jobs: dict[str, tuple[Node, Job]] = {}
     for node_id, group in plan.groups.items():
-        moved = plan.moved
         payload = b"".join(
             [
                 commands[w]
-                if w not in moved
-                else proto.store(b"set", w, *encoded[w], capped, noreply=noreply)
+                if w not in owners
+                else proto.store(
+                    b"set", w, encoded[w][0], tagged(owners[w], encoded[w][1]) or 0, capped, noreply=noreply
+                )
                 for w in group
             ]
         )

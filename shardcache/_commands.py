@@ -23,7 +23,7 @@ from typing import Any, Final, NamedTuple
 
 from shardcache import _protocol as proto
 from shardcache._events import Events, refusal, report_failure
-from shardcache._fleet import recorded
+from shardcache._fleet import read_copies, recorded, tagged
 from shardcache._flows import Call, Flow, Quiet
 from shardcache._options import Options
 from shardcache._protocol import ErrorReply, Expect, Oversized, Value
@@ -261,6 +261,8 @@ def get(core: Core, key: Any, default: Any) -> Flow[Any]:
     except NodeError as err:
         core.failed(target, err, _READ, None)
         return default
+    if target is not owner and type(reply) is list:
+        reply = read_copies(owner, reply)  # only a copy written there in this outage
     if reply == [] and topology.window:
         warmed = yield from warm(core, topology, [(hash_key, wire, owner)])
         return warmed.get(wire, default)
@@ -297,6 +299,8 @@ def _gets_once(core: Core, key: Any, kind: CallKind) -> Flow[Any]:
     if type(reply) is not list:
         core.refused(target, reply, "gets", key, kind)
         return UNAVAILABLE
+    if target is not owner:
+        reply = read_copies(owner, reply)
     if not reply:
         return None
     item = reply[0]
@@ -368,8 +372,14 @@ def store(
         target = decision.target
         if decision.stand_in:
             capped = core.router.capped_ttl(proto.check_expire(expire))
+            copy_flags = tagged(owner, flags)  # marked as this outage's copy
+            if copy_flags is None:
+                core.down(
+                    decision._replace(down=True), f"{command.decode()} (flags {flags} too high for a copy)"
+                )
+                return UNAVAILABLE
             payload = proto.store(
-                command, wire, data, flags, capped, noreply=bool(noreply), cas=_cas_number(cas)
+                command, wire, data, copy_flags, capped, noreply=bool(noreply), cas=_cas_number(cas)
             )
     if isinstance(cas, CasToken) and cas.node_id != target.node_id:
         return False  # a token only means something on the node that issued it

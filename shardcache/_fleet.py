@@ -77,7 +77,8 @@ from shardcache.health import UP, Event
 
 __all__ = [
     "CLEAN", "DOWN", "RETURNING", "Fleet", "Mark", "clean_flow", "decode_mark", "encode_mark",
-    "journal_flow", "journal_key", "journal_plan", "mark_key", "recorded",
+    "journal_flow", "journal_key", "journal_plan", "mark_key", "read_copies", "recorded", "stand_in_tag",
+    "tagged",
 ]  # fmt: skip
 
 DOWN: Final = 0
@@ -326,6 +327,37 @@ class Fleet:
         return 0.0
 
 
+# -- stand-in copies --------------------------------------------------------------------------------
+
+STAND_IN_BIT: Final = 1 << 31
+USER_FLAGS: Final = (1 << 16) - 1  # the flags a value may have to be written on a stand-in
+_TAG_BITS: Final = 0xFFFF0000
+
+
+def stand_in_tag(owner: Node) -> int:
+    """The high flag bits of a copy written on a stand-in in ``owner``'s place now: a stand-in bit
+    and the outage's generation, so that a stand-in serves only copies of the current outage,
+    never a value it owned before a ring change nor a copy an earlier outage left behind."""
+    mark = owner.fleet_mark
+    gen = mark.gen % 32767 + 1 if mark is not None and mark.stage == DOWN else 0
+    return STAND_IN_BIT | (gen << 16)
+
+
+def tagged(owner: Node, flags: int) -> int | None:
+    """``flags`` for a copy in ``owner``'s place; None if the value's own flags do not fit."""
+    return None if flags > USER_FLAGS else flags | stand_in_tag(owner)
+
+
+def read_copies(owner: Node, items: list[Any]) -> list[Any]:
+    """The items of a stand-in's reply that are copies of this outage, their flags untagged."""
+    tag = stand_in_tag(owner)
+    return [
+        item._replace(flags=item.flags & USER_FLAGS) if type(item) is Value else item
+        for item in items
+        if type(item) is not Value or item.flags & _TAG_BITS == tag
+    ]
+
+
 # -- journals ---------------------------------------------------------------------------------------
 
 
@@ -480,8 +512,32 @@ def clean_flow(node: Node, topology: Topology, *, give_up: bool = False) -> Flow
         if all(
             isinstance(r, list) and isinstance(r[0], Meta) and r[0].status != b"EX" for r in results.values()
         ):
-            return True
+            return (yield from _drop_leftovers(node, others))
     return False  # journals still growing: not clean yet
+
+
+def _drop_leftovers(node: Node, others: list[Node]) -> Flow[bool]:
+    """``node`` may hold copies it took in another node's place, and their journal, from an
+    outage of that node cleaned while ``node`` was away (the cleaner could not reach it): they
+    are outdated. Delete them, for every node whose outage is over, before ``node`` serves again."""
+    over = [o for o in others if o.fleet_mark is None or o.fleet_mark.stage == CLEAN]
+    if not over:
+        return True
+    keys = [journal_key(o.node_id) for o in over]
+    try:
+        found = yield Call(node, retrieve(keys, cas=True), Expect.CAS_VALUES, "read leftover journals")
+    except NodeError:
+        return False
+    items = [v for v in found if isinstance(v, Value)] if isinstance(found, list) else []
+    wires = sorted(set().union(*(_journal_wires(v.data) for v in items)))
+    work = {node.node_id: (node, wires)}
+    if wires and not (yield from _delete_all(work, "remove leftover copies"))[node.node_id]:
+        return False
+    drops = [meta_delete(v.key, cas=v.cas) for v in items if v.cas is not None]
+    if drops:
+        job = (b"".join(drops), [(Expect.META, False)] * len(drops))
+        yield Fanout({node.node_id: (node, job)}, "delete leftover journals")
+    return True
 
 
 def _read_journals(others: list[Node], key: bytes) -> Flow[dict[str, tuple[set[bytes], int | None]]]:

@@ -573,3 +573,6 @@ class Cluster:
 
     def delete_many(self, keys: list[str]) -> bool:
         return bool(self.run(_batch.delete_many(self.core, keys, None)))
+
+    def get_many(self, keys: list[str]) -> dict[Any, Any]:
+        return self.run(_batch.fetch(self.core, keys, with_cas=False))  # type: ignore[no-any-return]

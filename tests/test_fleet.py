@@ -12,7 +12,20 @@ import time
 import pytest
 from fakes import Cluster
 
-from shardcache._fleet import CLEAN, DOWN, RETURNING, Mark, decode_mark, encode_mark, journal_key, mark_key
+from shardcache import _commands as cmd
+from shardcache._commands import UNAVAILABLE
+from shardcache._fleet import (
+    CLEAN,
+    DOWN,
+    RETURNING,
+    STAND_IN_BIT,
+    USER_FLAGS,
+    Mark,
+    decode_mark,
+    encode_mark,
+    journal_key,
+    mark_key,
+)
 from shardcache.errors import NodeUnavailableError
 from shardcache.health import DOWN as HEALTH_DOWN
 from shardcache.health import UP
@@ -369,3 +382,32 @@ def test_a_holder_restarted_empty_gets_an_outage_still_under_way_back_from_a_rea
     first.servers[holders[1]].put(mark_key(A), encode_mark(first.node(A).fleet_mark))  # type: ignore[arg-type]
     passes(second)  # reads the one holder that has it, and writes it back on the others
     assert all(first.servers[h].peek(mark_key(A)) == encode_mark(first.node(A).fleet_mark) for h in holders)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fleet_refresh_s", [REFRESH, None])
+def test_a_stand_in_never_serves_a_value_it_held_before_as_its_own(fleet_refresh_s: float | None) -> None:
+    """Issue 11, item 2: a stand-in may hold the key from before a ring change (it owned it then):
+    only copies written there in this outage carry the stand-in tag, so only those are served."""
+    process = Cluster(NODES, failover="remap", on_error="miss", fleet_refresh_s=fleet_refresh_s)
+    key, other = process.key_on(A), process.key_on(A, skip=1)
+    stand_in = process.topology.ring.preference_list(key, 2)[1]
+    process.servers[stand_in].put(key.encode(), b"pre-scale-out")  # its own, long ago
+    process.servers[stand_in].put(other.encode(), b"pre-scale-out")
+    fail(process, A)
+    process.prober_pass()
+    assert process.get(key) is None and process.get_many([key, other]) == {}
+    assert process.set(key, "during") and process.get(key) == "during"
+    assert process.get_many([key, other]) == {key: "during"}
+    stored = process.servers[stand_in]._items[key.encode()].flags
+    assert stored & STAND_IN_BIT and stored & USER_FLAGS == 16  # the str flag, kept under the tag
+
+
+def test_a_value_whose_flags_leave_no_room_for_the_tag_is_not_written_on_a_stand_in() -> None:
+    (process,) = fleet(1)
+    key = process.key_on(A)
+    fail(process, A)
+    process.prober_pass()
+    stand_in = process.topology.ring.preference_list(key, 2)[1]
+    assert process.run(cmd.store(process.core, b"set", key, b"v", 0, None, 1 << 20)) is UNAVAILABLE
+    assert process.set_many({key: "v"}) == []  # default serde flags fit
+    assert process.servers[stand_in].peek(key.encode()) is not None

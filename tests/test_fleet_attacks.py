@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from fakes import Cluster
 
 from shardcache._fleet import CLEAN, journal_key, mark_key
@@ -404,3 +405,91 @@ def test_a_node_removed_while_down_and_added_back_is_not_read_before_it_is_clean
     process.servers[A].down = False
     process.change(Ring(nodes), 0.0)  # discovery: A is back
     assert process.get(key) != "old"
+
+
+# -- copies a clean could not remove (stand-in unreachable, or a write landing after it): the
+# -- stand-in tag (the outage's generation in the copy's flags) keeps a later outage from serving them
+
+
+@pytest.mark.parametrize("failover", ["remap", "gutter"])
+def test_a_stand_in_unreachable_during_the_clean_serves_its_old_copy_in_the_next_outage(
+    failover: str,
+) -> None:
+    """clean_flow tolerates one unreadable holder (its buddy has the entries), deletes the keys on
+    the returning node, but deletes stand-in copies only on the holders it could read. The
+    unreachable stand-in keeps the copy (and the journal). In A's next outage (within the copy's
+    failover_ttl_s) every process reads that copy: older than what was written on A in between."""
+    nodes = ["a:11211", "b:11211", "c:11211"]
+    extra: dict[str, Any] = {"failover": failover}
+    if failover == "gutter":
+        extra["gutter_servers"] = ["g1:11211", "g2:11211"]
+    writer = proc(nodes, **extra)
+    cleaner = proc(nodes, share=writer, **extra)
+    key = writer.key_on(A)
+    assert writer.set(key, "v0")
+    writer.fail(A)
+    writer.prober_pass()
+    passes(cleaner)
+    assert writer.set(key, "v1")  # on the stand-in, journaled
+    decision = writer.router.decide(
+        writer.topology,
+        writer.node(A),
+        key.encode(),
+        key.encode(),
+        __import__("shardcache._router").__dict__["_router"].CallKind.READ,
+    )
+    stand_in = decision.target.node_id  # type: ignore[union-attr]
+    assert writer.servers[stand_in].peek(key.encode()) == b"v1"
+    del writer
+    cleaner.servers[stand_in].hang = True  # blackholed for a few seconds (not restarted)
+    cleaner.revive(A)
+    until_ready(cleaner, A)
+    cleaner.servers[stand_in].hang = False
+    for _ in range(10):  # the stand-in comes back (if it was marked down) and is cleaned itself
+        passes(cleaner)
+    assert cleaner.node(stand_in).ready and cleaner.node(A).ready
+    assert cleaner.set(key, "v2")  # on A, its owner
+    # A fails again, 5 s later; a fresh process (or the cleaner) reads the key on the stand-in
+    cleaner.fail(A)
+    cleaner.prober_pass()
+    fresh = proc(nodes, share=cleaner, **extra)
+    passes(fresh)
+    assert fresh.node(A).health.state != UP
+    assert fresh.get(key) in (None, "v2")
+    assert cleaner.get(key) in (None, "v2")
+
+
+def test_a_stand_in_write_that_lands_after_the_clean_is_never_read_in_a_later_outage() -> None:
+    """The writer journals, then its write is slow to reach the stand-in (a busy connection, a
+    paused process). Meanwhile the node returns and is cleaned: the copy is deleted, the journal
+    too. Then the write lands. Nothing records it (the writer is recycled); in A's next outage
+    the stand-in serves it, older than the write made on A in between."""
+    nodes = ["a:11211", "b:11211", "c:11211"]
+    writer = proc(nodes)
+    cleaner = proc(nodes, share=writer)
+    key = writer.key_on(A)
+    assert writer.set(key, "v0")
+    writer.fail(A)
+    writer.prober_pass()
+    passes(cleaner)
+    stand_in = stand_in_of(writer, key)
+    server = writer.servers[stand_in]
+    fired = []
+
+    def slow(line: bytes) -> None:
+        if line.startswith(b"set " + key.encode()) and not fired:
+            fired.append(line)
+            cleaner.revive(A)
+            until_ready(cleaner, A)  # the whole RETURNING -> clean -> CLEAN runs meanwhile
+
+    server.before = slow
+    assert writer.set(key, "v1")
+    server.before = None
+    assert fired
+    del writer
+    assert cleaner.set(key, "v2")  # on A
+    cleaner.fail(A)
+    cleaner.prober_pass()
+    fresh = proc(nodes, share=cleaner)
+    passes(fresh)
+    assert fresh.get(key) in (None, "v2")
