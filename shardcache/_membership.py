@@ -39,8 +39,11 @@ class Membership:
         *,
         events: Events,
         settings: ConnectionSettings,
-        run: Callable[[Flow[bool]], bool],
+        run: Callable[[Flow[Any]], Any],
+        prober: Callable[..., Any] | None = None,
     ) -> None:
+        """``run`` runs the prober's flows; ``prober`` makes the prober (default: a thread,
+        :class:`~shardcache._prober.Prober`; ``AsyncClient`` gives its asyncio task's)."""
         self._options = options
         self._settings = settings
         self._events = events
@@ -52,7 +55,7 @@ class Membership:
         refresh_s = options.fleet_refresh_s
         stand_ins = options.failover != "fail_fast"  # under fail_fast nothing is written elsewhere
         fleet = Fleet(refresh_s, clock=options.clock) if refresh_s is not None and stand_ins else None
-        self.prober = Prober(lambda: self.topology, run, events, fleet)
+        self.prober: Prober = (prober or Prober)(lambda: self.topology, run, events, fleet)
         nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
         gutter = {spec.node_id: self._make_node(spec) for spec in gutter_ring.specs} if gutter_ring else {}
         self.topology = Topology(ring, nodes, gutter_ring, gutter)
@@ -76,10 +79,11 @@ class Membership:
         holder.append(node)
         return node
 
-    def _connected(self, node_id: str, conn: Connection) -> None:
+    def _connected(self, node_id: str, conn: Connection | Any) -> None:
         """A new connection: make sure the prober runs if it reads the fleet's outage marks (here,
         not in ``__init__``: no thread before the client is used, and one again in a forked child,
-        whose pools start empty). Warn when two ring nodes reach the same server (``localhost:p``
+        whose pools start empty; ``conn`` is anything with a ``sock``: the async executor's
+        connections too). Warn when two ring nodes reach the same server (``localhost:p``
         and ``127.0.0.1:p``): each would own its own share of the keys on one server, and failover
         could not tell them apart."""
         if self.prober.fleet is not None:
