@@ -90,7 +90,7 @@ class Membership:
             self.prober.start(wake=False)
         try:
             peer = conn.sock.getpeername()
-        except OSError:
+        except (OSError, AttributeError):  # AttributeError: no socket behind it (sock is None)
             return
         peer = _same_server_key(peer)
         other = self._peers.setdefault(peer, node_id)
