@@ -102,13 +102,14 @@ class AsyncConnection(asyncio.Protocol):
         """The replies of the exchange ``waiter`` stands for, by ``deadline`` (loop time)."""
         if waiter.done() or deadline is None:
             return await waiter
-        handle = self.loop.call_at(deadline, self._expire, waiter)
+        handle = self.loop.call_at(deadline, self.expire, waiter)
         try:
             return await waiter
         finally:
             handle.cancel()
 
-    def _expire(self, waiter: asyncio.Future[list[Any]]) -> None:
+    def expire(self, waiter: asyncio.Future[list[Any]]) -> None:
+        """The deadline of ``waiter``'s exchange has passed."""
         if not waiter.done():
             waiter.set_exception(timed_out(self.node_id))
 
@@ -199,6 +200,14 @@ class AsyncPool:
         self._waiters: deque[asyncio.Future[AsyncConnection | None]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.open = 0  # connections made and not yet closed (idle or in use)
+
+    def take(self) -> AsyncConnection | None:
+        """An idle connection at once (the usual case, without a coroutine), or None."""
+        if self._idle and self._loop is not None:
+            loop = asyncio.get_running_loop()
+            if loop is self._loop:
+                return self._take_idle(loop)
+        return None
 
     async def acquire(self, deadline: float | None) -> AsyncConnection:
         """An idle connection, a new one, or the next one given back (by ``deadline``)."""

@@ -80,8 +80,11 @@ class AsyncExecutor:
             while True:
                 kind = type(request)
                 try:
-                    if kind is Call:
-                        result: Any = await self.call(request, deadline)
+                    if kind is Call:  # self.call, one coroutine less on the hot path
+                        expects = ((request.kind, request.data_block, request.wanted),)
+                        replies = await self.exchange(request.node, request.payload, expects, deadline,
+                                                      request.what, request.key)  # fmt: skip
+                        result: Any = replies[0]
                     elif kind is Fanout:
                         result = await self.fanout(request.jobs, deadline, request.what, request.key)
                     elif kind is Quiet:
@@ -147,6 +150,8 @@ class AsyncExecutor:
     def pool(self, node: Node) -> AsyncPool:
         """The pool of ``node`` (a node that left and came back gets a new one)."""
         pool = self._pools.get(node.node_id)
+        if pool is not None and pool.node is node:
+            return pool
         if pool is None or pool.node is not node:
             if pool is not None:
                 pool.close()
@@ -198,13 +203,23 @@ class AsyncExecutor:
         """One node: take a connection, send, read every reply, settle; the replies."""
         node.ops += 1
         pool = self.pool(node)
+        conn = pool.take()
+        if conn is None:
+            try:
+                conn = await pool.acquire(deadline)
+            except NodeError as err:
+                self.failed(node, err, what, key)
+                raise
         try:
-            conn = await pool.acquire(deadline)
-        except NodeError as err:
-            self.failed(node, err, what, key)
-            raise
-        try:
-            replies = await conn.wait(conn.start(payload, expects), deadline)
+            waiter = conn.start(payload, expects)
+            if deadline is None:
+                replies = await waiter
+            else:
+                handle = conn.loop.call_at(deadline, conn.expire, waiter)
+                try:
+                    replies = await waiter
+                finally:
+                    handle.cancel()
         except BaseException as exc:  # failed, timed out or cancelled: the stream's state is unknown
             pool.discard(conn)
             if isinstance(exc, NodeError):
