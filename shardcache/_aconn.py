@@ -46,6 +46,9 @@ class AsyncConnection(asyncio.Protocol):
         self.sock: Any = None  # for Membership's same-server check (getpeername)
         self.lost = False
         self.generation = 0  # the node's health.state_changes when it was made
+        # Its user waited for it in the pool's queue: a timeout of this exchange may be the wait's
+        # doing, not the node's (it is then not counted against the node's health).
+        self.queued = False
         self._waiter: asyncio.Future[list[Any]] | None = None
         self._count = 0
         self._replies: list[Any] = []
@@ -214,14 +217,21 @@ class AsyncPool:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._rebind(loop)
+        queued = False
         while True:
             conn = self._take_idle(loop)
+            if conn is None and (self._max_size is None or self.open < self._max_size):
+                try:
+                    conn = await self._connect(deadline)
+                except NodeTimeoutError as exc:
+                    if not queued:
+                        raise
+                    raise PoolTimeoutError(str(exc), self.node.node_id) from exc
+            if conn is None:
+                conn = await self._wait_for_one(loop, deadline)
+                queued = True
             if conn is not None:
-                return conn
-            if self._max_size is None or self.open < self._max_size:
-                return await self._connect(deadline)
-            conn = await self._wait_for_one(loop, deadline)
-            if conn is not None:
+                conn.queued = queued
                 return conn
             # None: a connection was closed, so there is room to make one: try again
 
@@ -327,8 +337,10 @@ class AsyncPool:
 
 
 class PoolTimeoutError(NodeTimeoutError):
-    """No connection to the node was free within the timeout (all ``max_pool_size`` in use): the
-    caller's contention, not the node's failure, so it does not count against its health."""
+    """No connection to the node was free within the timeout (all ``max_pool_size`` in use), or
+    what was left of it after waiting for one was too short: the caller's contention, not (for
+    all we know) the node's failure, so it does not count against its health. A node that hangs
+    is still found out: the exchanges that did not wait time out and count."""
 
 
 def _expire_wait(waiter: asyncio.Future[Any], node: Node) -> None:

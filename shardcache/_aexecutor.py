@@ -32,7 +32,7 @@ from shardcache._executor import report_call_failure, report_swallowed
 from shardcache._flows import Call, Compute, Each, Fanout, Flow, Job, Probe, Quiet, Sleep
 from shardcache._protocol import ErrorReply, Expect, version
 from shardcache._topology import Node, Topology
-from shardcache.errors import NodeError
+from shardcache.errors import NodeError, NodeTimeoutError
 from shardcache.health import Event
 from shardcache.nodes import NodeSpec
 
@@ -223,7 +223,10 @@ class AsyncExecutor:
         except BaseException as exc:  # failed, timed out or cancelled: the stream's state is unknown
             pool.discard(conn)
             if isinstance(exc, NodeError):
-                self.failed(node, exc, what, key)
+                blamed = _blamed(conn, exc)
+                self.failed(node, blamed, what, key)
+                if blamed is not exc:
+                    raise blamed from exc
             raise
         self._settle(node, pool, conn, replies)
         return replies
@@ -289,11 +292,12 @@ class AsyncExecutor:
                 node, pool, conn, waiter = started[0]
                 try:
                     replies = await conn.wait(waiter, deadline)
-                except NodeError as err:
+                except NodeError as exc:
                     started.pop(0)
                     pool.discard(conn)
-                    self.failed(node, err, what, key)
-                    results[node.node_id] = err
+                    blamed = _blamed(conn, exc)
+                    self.failed(node, blamed, what, key)
+                    results[node.node_id] = blamed
                     continue
                 started.pop(0)
                 self._settle(node, pool, conn, replies)
@@ -310,3 +314,11 @@ class AsyncExecutor:
         job: Job = (payload, ((kind, False),))
         results = await self.fanout({n.node_id: (n, job) for n in nodes}, deadline, what)
         return {node_id: r if isinstance(r, NodeError) else r[0] for node_id, r in results.items()}
+
+
+def _blamed(conn: AsyncConnection, err: NodeError) -> NodeError:
+    """A timeout of an exchange whose connection was waited for in the pool's queue: the wait may
+    have taken the time, so it is not counted against the node (``PoolTimeoutError``)."""
+    if conn.queued and isinstance(err, NodeTimeoutError) and not isinstance(err, PoolTimeoutError):
+        return PoolTimeoutError(f"{err.args[0]} (after waiting for a free connection)", err.node_id)
+    return err

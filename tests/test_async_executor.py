@@ -260,3 +260,16 @@ async def test_membership_changes_and_listeners(net: FakeNet) -> None:
         assert "d:11211" in client.nodes and "node_added" in seen
         await client.remove_node("d:11211")
         assert await client.set_nodes(SERVERS) == ([], [])
+
+
+@pytest.mark.asyncio
+async def test_discovery_runs_as_a_task_once_the_client_is_used(net: FakeNet) -> None:
+    net.servers["d:11211"] = FakeServer("d:11211", net.clock)
+    found = [*SERVERS, "d:11211"]
+    async with _client(discovery=lambda: found, discovery_interval_s=0.01, discovery_warmup_s=0) as client:
+        await client.get("k")  # the first connection starts the discovery task
+        for _ in range(300):
+            if "d:11211" in client.nodes:
+                break
+            await asyncio.sleep(0.01)
+        assert "d:11211" in client.nodes
