@@ -7,8 +7,12 @@ complete as the replies arrive, so no task is created per node.
 
 **Cancellation safety.** A connection goes back to its pool only after an exchange completed (all
 of its replies read; or, for noreply commands, an ``mn`` queued behind them, whose reply its next
-user reads first). Any other exit (an error, a timeout, the caller's task cancelled before, while
-or after sending) closes it: a reply still on its way can never be read by another caller.
+user reads first). A caller cancelled after its requests were written leaves the connection
+*draining*: the rest of the replies is read and dropped, then it goes back (closed if that fails or
+takes longer than the timeout), so cancellations cost no reconnects. An error or a timeout closes
+it. (Requests are written whole by ``transport.write``: there is no half-sent state to handle;
+cancelled before that, the caller never had the connection or gives it back untouched.) Either
+way a reply still on its way can never be read by another caller.
 
 :class:`AsyncPool` bounds the connections open to one node (``max_pool_size``; None: no bound);
 a caller that finds none free waits, within its deadline, for one to be given back. Connections
@@ -52,6 +56,7 @@ class AsyncConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[list[Any]] | None = None
         self._count = 0
         self._replies: list[Any] = []
+        self._drained: Callable[[AsyncConnection, bool], None] | None = None  # see abandon
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -129,16 +134,39 @@ class AsyncConnection(asyncio.Protocol):
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(self._replies)
+            elif self._drained is not None:  # abandoned by its caller: every reply is read now
+                settle, self._drained = self._drained, None
+                settle(self, True)
 
     def _fail(self, exc: NodeError) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        if self._drained is not None:
+            settle, self._drained = self._drained, None
+            settle(self, False)
+
+    def abandon(self, settle: Callable[[AsyncConnection, bool], None], deadline: float) -> None:
+        """The caller of the exchange under way was cancelled after its requests were written:
+        read (and drop) the rest of their replies, then ``settle(self, True)`` (back to the pool,
+        in step); ``settle(self, False)`` (closed) if that fails or is not done by ``deadline``.
+        A cancelled caller thus costs no new connection, and no reply reaches another caller."""
+        if self._waiter is None:  # nothing under way any more
+            settle(self, not self.lost)
+            return
+        self._drained = settle
+        self._waiter.cancel()  # nobody awaits it (a fanout's other nodes): _drain then settles
+        self.loop.call_at(deadline, self._drain_expired, self._waiter)
+
+    def _drain_expired(self, waiter: asyncio.Future[list[Any]]) -> None:
+        if self._waiter is waiter and self._drained is not None:
+            self._fail(timed_out(self.node_id))
 
     def close(self) -> None:
         """Close at once (unsent bytes are dropped): its state is unknown, or it is not needed."""
         self.lost = True
         self._waiter = None
+        self._drained = None
         if self.transport is not None:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to do any more
                 self.transport.abort()
@@ -299,6 +327,13 @@ class AsyncPool:
         if self._wake_one(conn):
             return
         self._idle.append((conn, conn.loop.time()))
+
+    def settle(self, conn: AsyncConnection, in_step: bool) -> None:
+        """:meth:`release` if ``in_step``, else :meth:`discard` (for ``AsyncConnection.abandon``)."""
+        if in_step:
+            self.release(conn)
+        else:
+            self.discard(conn)
 
     def discard(self, conn: AsyncConnection) -> None:
         """Close a connection whose state is unknown (an error or a cancellation while in use)."""

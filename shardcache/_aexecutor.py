@@ -12,8 +12,9 @@ replies, which are read as they arrive on every connection at once: one round tr
 and a node that hangs holds back no other node's part.
 
 Cancellation: the caller's task may be cancelled at any await. A connection taken from a pool
-goes back only once its exchange completed; on any other exit it is closed (see ``_aconn``), so
-no reply is ever read by a caller it was not meant for. The flow is closed (its ``finally``
+goes back only once its exchange completed: a cancelled exchange is drained first (its replies
+read and dropped), a failed or timed-out one closed (see ``_aconn``), so no reply is ever read by
+a caller it was not meant for. The flow is closed (its ``finally``
 blocks run, without I/O) and the cancellation propagates.
 """
 
@@ -210,6 +211,7 @@ class AsyncExecutor:
             except NodeError as err:
                 self.failed(node, err, what, key)
                 raise
+        waiter: asyncio.Future[list[Any]] | None = None
         try:
             waiter = conn.start(payload, expects)
             if deadline is None:
@@ -220,8 +222,8 @@ class AsyncExecutor:
                     replies = await waiter
                 finally:
                     handle.cancel()
-        except BaseException as exc:  # failed, timed out or cancelled: the stream's state is unknown
-            pool.discard(conn)
+        except BaseException as exc:
+            self._give_up(pool, conn, waiter, exc)
             if isinstance(exc, NodeError):
                 blamed = _blamed(conn, exc)
                 self.failed(node, blamed, what, key)
@@ -230,6 +232,22 @@ class AsyncExecutor:
             raise
         self._settle(node, pool, conn, replies)
         return replies
+
+    def _give_up(
+        self, pool: AsyncPool, conn: AsyncConnection, waiter: asyncio.Future[list[Any]] | None,
+        exc: BaseException,
+    ) -> None:  # fmt: skip
+        """The caller stopped awaiting ``waiter``'s exchange on ``conn``. Cancelled after sending:
+        its replies are read and dropped before the connection goes back (``abandon``). Failed or
+        timed out: the stream's state is unknown, so it is closed."""
+        if waiter is not None and isinstance(exc, asyncio.CancelledError):
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                pool.release(conn)  # the exchange completed just as its caller was cancelled
+                return
+            limit = self._timeout if self._timeout is not None else 1.0
+            conn.abandon(pool.settle, conn.loop.time() + limit)
+            return
+        pool.discard(conn)
 
     def _settle(self, node: Node, pool: AsyncPool, conn: AsyncConnection, replies: list[Any]) -> None:
         if any(type(r) is ErrorReply and r.fatal for r in replies):
@@ -302,9 +320,10 @@ class AsyncExecutor:
                 started.pop(0)
                 self._settle(node, pool, conn, replies)
                 results[node.node_id] = replies
-        finally:
-            for _, pool, conn, _ in started:  # cancelled: whatever is still under way is closed
-                pool.discard(conn)
+        except BaseException as exc:  # cancelled: what is under way is drained (or closed)
+            for _, pool, conn, waiter in started:
+                self._give_up(pool, conn, waiter, exc)
+            raise
         return results
 
     async def each(
