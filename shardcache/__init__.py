@@ -7,6 +7,7 @@ import logging
 
 from shardcache._commands import CasToken
 from shardcache._rebalance import RebalanceReport
+from shardcache.async_client import AsyncClient
 from shardcache.client import Client
 from shardcache.discovery import dns_discovery
 from shardcache.errors import (
@@ -44,6 +45,7 @@ logging.getLogger("shardcache").addHandler(logging.NullHandler())
 
 __all__ = [
     "ArgumentError",
+    "AsyncClient",
     "CasConflictError",
     "CasToken",
     "Client",

@@ -31,13 +31,13 @@ from typing import Any, TypeVar
 from shardcache._conn import Connection, ConnectionSettings, connect
 from shardcache._events import Events, report_failure
 from shardcache._flows import Call, Compute, Each, Fanout, Flow, Job, Probe, Quiet, Sleep
-from shardcache._protocol import NOOP, ErrorReply, Expect, version
+from shardcache._protocol import NOOP, ErrorReply, Expect, ReplyParser, version
 from shardcache._topology import Node
 from shardcache.errors import NodeError
 from shardcache.health import Event
 from shardcache.nodes import NodeSpec
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "report_call_failure", "report_swallowed"]
 
 T = TypeVar("T")
 
@@ -138,9 +138,7 @@ class Executor:
     def failed(self, node: Node, err: NodeError, what: str, key: Any = None) -> None:
         """Report a failed call: counters, health (transport failures), an ``error`` event. The
         error's message gains the name of the call (it was made where the call was not known)."""
-        if what and err.args and isinstance(err.args[0], str) and not err.args[0].endswith(")"):
-            err.args = (f"{err.args[0]} ({what})", *err.args[1:])
-        report_failure(self._events, node, err, "", key)
+        report_call_failure(self._events, node, err, what, key)
 
     # -- one node ---------------------------------------------------------------------------------
 
@@ -224,12 +222,7 @@ class Executor:
         return result
 
     def _swallowed(self, node: Node, conn: Connection) -> None:
-        errors = conn.parser.swallowed
-        if errors:
-            conn.parser.swallowed = []
-            for error in errors:
-                message = f"error reply to a noreply command: {error.kind} {error.message}"
-                self._events.emit(Event("error", node.node_id, message, None))
+        report_swallowed(self._events, node, conn.parser)
 
     # -- many nodes at once -----------------------------------------------------------------------
 
@@ -328,6 +321,24 @@ class Executor:
         job: Job = (payload, ((kind, False),))
         results = self.fanout({n.node_id: (n, job) for n in nodes}, deadline, what)
         return {node_id: r if isinstance(r, NodeError) else r[0] for node_id, r in results.items()}
+
+
+def report_call_failure(events: Events, node: Node, err: NodeError, what: str, key: Any = None) -> None:
+    """Report a failed call (every executor): counters, health, an ``error`` event; the error's
+    message gains the name of the call (it was made where the call was not known)."""
+    if what and err.args and isinstance(err.args[0], str) and not err.args[0].endswith(")"):
+        err.args = (f"{err.args[0]} ({what})", *err.args[1:])
+    report_failure(events, node, err, "", key)
+
+
+def report_swallowed(events: Events, node: Node, parser: ReplyParser) -> None:
+    """Emit the error replies memcached sent to noreply commands (every executor)."""
+    errors = parser.swallowed
+    if errors:
+        parser.swallowed = []
+        for error in errors:
+            message = f"error reply to a noreply command: {error.kind} {error.message}"
+            events.emit(Event("error", node.node_id, message, None))
 
 
 class _Pending:

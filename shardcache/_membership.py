@@ -39,8 +39,11 @@ class Membership:
         *,
         events: Events,
         settings: ConnectionSettings,
-        run: Callable[[Flow[bool]], bool],
+        run: Callable[[Flow[Any]], Any],
+        prober: Callable[..., Any] | None = None,
     ) -> None:
+        """``run`` runs the prober's flows; ``prober`` makes the prober (default: a thread,
+        :class:`~shardcache._prober.Prober`; ``AsyncClient`` gives its asyncio task's)."""
         self._options = options
         self._settings = settings
         self._events = events
@@ -53,7 +56,7 @@ class Membership:
         refresh_s = options.fleet_refresh_s
         stand_ins = options.failover != "fail_fast"  # under fail_fast nothing is written elsewhere
         fleet = Fleet(refresh_s, clock=options.clock) if refresh_s is not None and stand_ins else None
-        self.prober = Prober(lambda: self.topology, run, events, fleet)
+        self.prober: Prober = (prober or Prober)(lambda: self.topology, run, events, fleet)
         nodes = {spec.node_id: self._make_node(spec) for spec in ring.specs}
         gutter = {spec.node_id: self._make_node(spec) for spec in gutter_ring.specs} if gutter_ring else {}
         self.topology = Topology(ring, nodes, gutter_ring, gutter)
@@ -67,11 +70,12 @@ class Membership:
         unread = self.__dict__.get("_unread")
         if name != "topology" or unread is None:
             raise AttributeError(name)
-        if self.prober.is_current_thread():
+        blocking = isinstance(self.prober, Prober)  # an asyncio prober's loop must not be blocked
+        if blocking and self.prober.is_current_thread():
             return unread  # the prober reading the marks: no barrier for it
         self.prober.start(wake=False)
         fleet = self.prober.fleet
-        if fleet is not None:
+        if fleet is not None and blocking:
             # one read of the marks: a call's timeout if a holder does not answer, plus margin
             fleet.wait_first_read(min((self._options.timeout or 1.0) + 1.0, 3.0))
         with self._barrier_lock:  # not _change_lock: change() reads ``topology`` holding it
@@ -103,17 +107,18 @@ class Membership:
             fleet.apply(node, known)  # added back while its outage is still under way
         return node
 
-    def _connected(self, node_id: str, conn: Connection) -> None:
+    def _connected(self, node_id: str, conn: Connection | Any) -> None:
         """The first connection: start the prober if it reads the fleet's outage marks (not in
         ``__init__``: no thread before the client is used; a forked child restarts it itself, see
-        ``_prober``). Warn when two ring nodes reach the same server (``localhost:p``
+        ``_prober``; ``conn`` is anything with a ``sock``: the async executor's connections too).
+        Warn when two ring nodes reach the same server (``localhost:p``
         and ``127.0.0.1:p``): each would own its own share of the keys on one server, and failover
         could not tell them apart."""
         if self.prober.fleet is not None:
             self.prober.start(wake=False)
         try:
             peer = conn.sock.getpeername()
-        except OSError:
+        except (OSError, AttributeError):  # AttributeError: no socket behind it (sock is None)
             return
         peer = _same_server_key(peer)
         other = self._peers.setdefault(peer, node_id)

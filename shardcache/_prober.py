@@ -14,7 +14,9 @@ every ``fleet_refresh_s``. For each node:
 - UP with keys to forget: delete them on it (or flush it, past ``fence_max_keys``), and delete the
   copies its stand-ins took during the outage. A pass that fails counts as one transport failure.
 
-The work itself is written as flows (``probe_flow``, ``forget_flow``) so any executor can run it.
+The work itself is written as flows (``probe_flow``, ``forget_flow``), and a whole pass as a
+generator of flows (``prober_pass``), so any executor can run it: the thread here, or the asyncio
+task of ``AsyncClient`` (``shardcache._aprober``), which only drive the same pass.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from shardcache._events import Events
@@ -34,7 +36,7 @@ from shardcache._topology import ForgetWork, Node, Topology
 from shardcache.errors import NodeError
 from shardcache.health import DOWN, UP, Event
 
-__all__ = ["Prober", "forget_flow", "probe_flow"]
+__all__ = ["Pass", "Prober", "drive_pass", "forget_flow", "probe_flow", "prober_pass"]
 
 logger = logging.getLogger("shardcache")
 
@@ -127,6 +129,59 @@ def _all_deleted(result: Any) -> bool:
     return isinstance(result, list) and not any(isinstance(r, ErrorReply) for r in result)
 
 
+# One pass of a prober, whatever runs it: it yields the flows to run, one at a time, and gets
+# each one's result back (or its exception thrown in); it returns how long to wait before the
+# next pass, or None when there is nothing left to do (the prober may stop until woken).
+Pass = Generator[Flow[Any], Any, float | None]
+
+
+def prober_pass(topology: Callable[[], Topology], events: Events, fleet: Fleet | None) -> Pass:
+    """Publish and read the fleet's outage marks (if due), probe the DOWN nodes whose backoff has
+    elapsed, make UP nodes forget what they must. The one implementation of a prober's work: the
+    sync prober's thread and the asyncio prober's task only drive it (:func:`drive_pass`)."""
+    waits: list[float] = []
+    busy = fleet is not None  # the fleet's marks are read for as long as the client runs
+    if fleet is not None:
+        try:  # a failure is the holders' (counted on their health by the executor): tried again
+            yield fleet.publish_pending(topology())
+            if fleet.refresh_due():
+                yield fleet.refresh_flow(topology())
+        except Exception:  # the prober must survive anything a step raises
+            logger.exception("shardcache: reading or publishing outage marks failed")
+        waits.append(fleet.seconds_until_refresh())
+    for node in list(topology().all_nodes()):
+        state = node.health.state
+        if state == DOWN:
+            busy = True
+            if node.health.begin_probe():
+                yield probe_flow(node, topology, events, fleet)
+            due = node.health.seconds_until_probe()
+            if due is not None:
+                waits.append(due)
+        elif state == UP and node.has_work():
+            busy = True
+            yield forget_flow(node, topology, events)
+    return min([*waits, _IDLE_S]) if busy else None
+
+
+def drive_pass(one_pass: Pass, run: Callable[[Flow[Any]], Any], stopped: Callable[[], bool]) -> float | None:
+    """Run a :func:`prober_pass` with a sync ``run`` (stopping early once ``stopped()``)."""
+    try:
+        flow = next(one_pass)
+        while not stopped():
+            try:
+                result = run(flow)
+            except Exception as exc:
+                flow = one_pass.throw(exc)
+                continue
+            flow = one_pass.send(result)
+    except StopIteration as stop:
+        wait: float | None = stop.value
+        return wait
+    one_pass.close()
+    return None
+
+
 class Prober:
     """The prober thread of one client; thread-safe."""
 
@@ -163,45 +218,19 @@ class Prober:
         return self._thread is threading.current_thread()
 
     def _loop(self) -> None:
-        fleet = self.fleet
         while not self._closed.is_set():
             self._wake.clear()
-            waits: list[float] = []
-            busy = fleet is not None  # the fleet's marks are read for as long as the client runs
-            if fleet is not None:
-                self._fleet_step(fleet)
-                waits.append(fleet.seconds_until_refresh())
-            for node in list(self._topology().all_nodes()):
-                if self._closed.is_set():
-                    return
-                state = node.health.state
-                if state == DOWN:
-                    busy = True
-                    if node.health.begin_probe():
-                        self._run(probe_flow(node, self._topology, self._events, fleet))
-                    due = node.health.seconds_until_probe()
-                    if due is not None:
-                        waits.append(due)
-                elif state == UP and node.has_work():
-                    busy = True
-                    self._run(forget_flow(node, self._topology, self._events))
-            if not busy:
+            wait = drive_pass(prober_pass(self._topology, self._events, self.fleet), self._run,
+                              self._closed.is_set)  # fmt: skip
+            if self._closed.is_set():
+                return
+            if wait is None:
                 with self._lock:
                     if not self._wake.is_set():
                         self._thread = None
                         return
                 continue
-            self._wake.wait(min([*waits, _IDLE_S]))
-
-    def _fleet_step(self, fleet: Fleet) -> None:
-        """Publish the outages this process saw, then read the fleet's marks if due. A failure
-        is the holders' (counted on their health by the executor): the next step tries again."""
-        try:
-            self._run(fleet.publish_pending(self._topology()))
-            if fleet.refresh_due():
-                self._run(fleet.refresh_flow(self._topology()))
-        except Exception:  # the prober thread must survive anything a step raises
-            logger.exception("shardcache: reading or publishing outage marks failed")
+            self._wake.wait(wait)
 
     def close(self) -> None:
         """Stop the thread (bounded wait); a later ``start`` runs it again."""

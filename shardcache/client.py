@@ -17,7 +17,6 @@ A key's path reads one way: client -> flow (validate, route) -> executor -> prot
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -25,16 +24,13 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 from shardcache import _batch, _rebalance, recipes
 from shardcache import _commands as cmd
-from shardcache._commands import UNAVAILABLE, CasToken, Core, Engine
-from shardcache._conn import ConnectionSettings
-from shardcache._events import Events
+from shardcache._commands import UNAVAILABLE, CasToken, Engine
 from shardcache._executor import Executor
-from shardcache._membership import Membership
-from shardcache._options import Options
 from shardcache._rebalance import RebalanceReport
-from shardcache._router import CallKind, Router
+from shardcache._router import CallKind
+from shardcache._wiring import Reconfigure, assemble
 from shardcache.discovery import Poller
-from shardcache.errors import ArgumentError, ConfigurationError
+from shardcache.errors import ArgumentError
 from shardcache.health import Event
 from shardcache.nodes import NodeSpecLike, parse_nodes
 from shardcache.ring import Ring
@@ -94,42 +90,24 @@ class Client:
     """
 
     def __init__(self, servers: Iterable[NodeSpecLike] | str, **options: Any) -> None:
-        opts = Options.parse(**options)
-        ring = Ring(servers, hashing=opts.hashing, ketama_naming=opts.ketama_naming)
-        gutter_ring = None
-        if opts.gutter_servers:
-            shared = [spec.node_id for spec in opts.gutter_servers if spec.node_id in ring]
-            if shared:
-                raise ConfigurationError(f"gutter_servers: {shared[0]!r} is also a ring member")
-            gutter_ring = Ring(list(opts.gutter_servers), hashing=opts.hashing)
-        events = Events()
-        settings = ConnectionSettings(
-            connect_timeout=opts.connect_timeout,
-            no_delay=opts.no_delay,
-            socket_module=opts.socket_module,
-            keepalive=opts.socket_keepalive,
-            tls_context=opts.tls_context,
-            max_value=opts.max_item_size,
-        )
-        executor = Executor(events, settings, opts.timeout)
-        router = Router(opts.failover, failover_ttl_s=opts.failover_ttl_s, miss_on_error=opts.miss_on_error)
-        self._events = events
-        self._membership = Membership(
-            opts, ring, gutter_ring, events=events, settings=settings, run=executor.run
-        )
-        self._core = Core(opts, self._membership, router, events)
+        parts = assemble(servers, options, Executor, lambda executor: executor.run)
+        executor = parts.executor
+        self._events = parts.events
+        self._membership = parts.membership
+        self._core = parts.core
         weakref.finalize(self, self._membership.close)  # a dropped client's prober thread stops
-        self._executor, self._run, self._request = executor, executor.run, executor.request
+        self._executor, self._run, self._request = executor, executor.run, executor.request  # fast paths
         self._engine = Engine(self._core, executor.run)
-        self._reconfigure = threading.Lock()
+        self._reconfigure = Reconfigure(self._membership)
         self._poller: Poller | None = None
+        opts = parts.options
         if opts.discovery is not None:
             warmup_s = float(opts.discovery_warmup_s)
             self._poller = Poller(
                 opts.discovery,
                 lambda servers: self.set_nodes(list(parse_nodes(servers)), warmup_s=warmup_s),
                 float(opts.discovery_interval_s),
-                events.emit,
+                self._events.emit,
             )
 
     # -- single-key commands ----------------------------------------------------------------------
@@ -401,19 +379,13 @@ class Client:
         counters, ``cas_update`` and locks still bring their key over from its previous owner (so
         a count goes on and a held lock stays held; README "Scaling out and in").
         ``ConfigurationError`` if it is already present."""
-        window = _window("warmup_s", warmup_s)
-        with self._reconfigure:
-            ring = self._membership.topology.ring.with_node(spec)
-            _check_not_gutter(self._membership, ring)
-            self._membership.change(ring, window)
+        self._reconfigure.add_node(spec, warmup_s)
 
     def remove_node(self, node_id: str, *, drain_s: float = 0.0) -> None:
         """Remove a node. For ``drain_s`` seconds a miss on one of its keys is read from it while it
         still answers; with ``drain_s=0``, for 60 s counters, ``cas_update`` and locks still do
         (as for :meth:`add_node`). ``ConfigurationError`` if it is absent or the last node."""
-        window = _window("drain_s", drain_s)
-        with self._reconfigure:
-            self._membership.change(self._membership.topology.ring.without_node(node_id), window)
+        self._reconfigure.remove_node(node_id, drain_s)
 
     def set_nodes(
         self, servers: Iterable[NodeSpecLike] | str, *, warmup_s: float = 0.0
@@ -422,14 +394,7 @@ class Client:
 
         Returns the node ids added and removed.
         """
-        window = _window("warmup_s", warmup_s)
-        with self._reconfigure:
-            current = self._membership.topology.ring
-            ring = Ring(servers, hashing=current.hashing, ketama_naming=current.ketama_naming)
-            if ring.specs == current.specs:
-                return [], []
-            _check_not_gutter(self._membership, ring)
-            return self._membership.change(ring, window)
+        return self._reconfigure.set_nodes(servers, warmup_s)
 
     # -- lifecycle and mapping protocol -----------------------------------------------------------
 
@@ -465,17 +430,3 @@ class Client:
 
     def __repr__(self) -> str:
         return f"shardcache.Client({list(self.nodes)!r}, hashing={self.ring.hashing!r})"
-
-
-def _check_not_gutter(membership: Membership, ring: Ring) -> None:
-    gutter = membership.topology.gutter_ring
-    if gutter is not None:
-        shared = [node_id for node_id in ring.nodes if node_id in gutter]
-        if shared:
-            raise ConfigurationError(f"node {shared[0]!r} is a gutter server; it cannot join the ring")
-
-
-def _window(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-        raise ConfigurationError(f"{name}={value!r}: expected finite seconds >= 0")
-    return float(value)

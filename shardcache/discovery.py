@@ -63,15 +63,19 @@ class Poller:
         apply: Callable[[Any], Any],
         interval_s: float,
         emit: Callable[[Event], None],
+        *,
+        thread: bool = True,
     ) -> None:
+        """``thread=False``: no thread; an asyncio task calls :meth:`fetch` and :meth:`apply`."""
         self._source = source
         self._apply = apply
         self._interval_s = interval_s
         self._emit = emit
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        _pollers.add(self)
-        self._start()
+        if thread:
+            _pollers.add(self)
+            self._start()
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="shardcache-discovery", daemon=True)
@@ -84,11 +88,20 @@ class Poller:
 
     def poll_once(self) -> None:
         """One poll: fetch the list and apply it; failures become ``discovery_failed`` events."""
+        found = self.fetch()
+        if found is not None:
+            self.apply(found[0])
+
+    def fetch(self) -> tuple[Any] | None:
+        """``(servers,)`` from the source, or None if it failed (a ``discovery_failed`` event)."""
         try:
-            servers = self._source()
+            return (self._source(),)
         except Exception as exc:
             self._emit(Event("discovery_failed", "", f"kept the last good list: {exc!r}", exc))
-            return
+            return None
+
+    def apply(self, servers: Any) -> None:
+        """Reconcile to ``servers``; a failure is a ``discovery_failed`` event."""
         try:
             self._apply(servers)
         except Exception as exc:

@@ -27,7 +27,7 @@ from shardcache._flows import Compute, Flow, Sleep
 from shardcache._router import CallKind
 from shardcache.errors import ArgumentError, CasConflictError, LockError
 
-__all__ = ["Lock", "cached", "cas_update", "get_or_set"]
+__all__ = ["Lock", "cached", "cas_update", "get_or_set", "key_function"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -162,9 +162,10 @@ class Lock:
 
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock; wait up to ``blocking_timeout_s`` if ``blocking``. True if taken."""
-        return bool(self._engine.run(self._acquire(blocking)))
+        return bool(self._engine.run(self.acquire_flow(blocking)))
 
-    def _acquire(self, blocking: bool) -> Flow[bool]:
+    def acquire_flow(self, blocking: bool) -> Flow[bool]:
+        """What :meth:`acquire` runs (any executor may run it)."""
         core = self._engine.core
         clock = core.options.clock
         token = uuid.uuid4().hex.encode()
@@ -192,14 +193,22 @@ class Lock:
 
     def release(self) -> bool:
         """Release the lock if this owner still holds it. True if released by this call."""
+        return bool(self._engine.run(self.release_flow()))
+
+    def release_flow(self) -> Flow[bool]:
+        """What :meth:`release` runs."""
         token, self.token = self.token, None
         if token is None:
             return False
-        return bool(self._engine.run(cmd.compare_delete(self._engine.core, self._key, token)))
+        return (yield from cmd.compare_delete(self._engine.core, self._key, token))
 
     def locked(self) -> bool:
         """True if someone (anyone) holds the lock now. Asks the lock's own node only."""
-        found = self._engine.run(cmd.gets(self._engine.core, self._key, CallKind.PINNED_READ))
+        return bool(self._engine.run(self.locked_flow()))
+
+    def locked_flow(self) -> Flow[bool]:
+        """What :meth:`locked` runs."""
+        found = yield from cmd.gets(self._engine.core, self._key, CallKind.PINNED_READ)
         return found is not None and found is not UNAVAILABLE
 
     def __enter__(self) -> Lock:
@@ -229,7 +238,7 @@ def get_or_set_flow(
     deadline = clock() + wait_s
     rng = random.Random()
     for attempt in range(1_000_000):  # bounded by the deadline
-        taken = yield from lock._acquire(blocking=False)
+        taken = yield from lock.acquire_flow(blocking=False)
         if not taken and lock.unavailable:  # nobody can coordinate: compute, and cache if we can
             return (yield from _compute_and_store(core, key, factory, expire))
         if taken:
@@ -282,6 +291,24 @@ class _Cache(HasEngine, Protocol):
     def delete(self, key: Key, noreply: bool | None = None) -> bool: ...
 
 
+def key_function(func: Callable[..., Any], key: Callable[..., Key] | str | None) -> Callable[..., Key]:
+    """The cache key of a call of ``func``, as :func:`cached` makes it from its ``key`` argument."""
+    prefix = f"{func.__module__}.{func.__qualname__}"
+    signature = inspect.signature(func)
+
+    def key_for(*args: Any, **kwargs: Any) -> Key:
+        if callable(key):
+            return key(*args, **kwargs)
+        if isinstance(key, str):  # "{0}" and "{name}" both work, however the call passed it
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return key.format(*bound.args, **bound.arguments)
+        digest = hashlib.sha1(repr((args, sorted(kwargs.items()))).encode()).hexdigest()
+        return f"{prefix}:{digest}"
+
+    return key_for
+
+
 def cached(
     client: _Cache, *, expire: int = 0, key: Callable[..., Key] | str | None = None, lock_ttl_s: int = 10
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -295,18 +322,7 @@ def cached(
     _ttl("lock_ttl_s", lock_ttl_s)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        prefix = f"{func.__module__}.{func.__qualname__}"
-        signature = inspect.signature(func)
-
-        def key_for(*args: Any, **kwargs: Any) -> Key:
-            if callable(key):
-                return key(*args, **kwargs)
-            if isinstance(key, str):  # "{0}" and "{name}" both work, however the call passed it
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                return key.format(*bound.args, **bound.arguments)
-            digest = hashlib.sha1(repr((args, sorted(kwargs.items()))).encode()).hexdigest()
-            return f"{prefix}:{digest}"
+        key_for = key_function(func, key)
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:

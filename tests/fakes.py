@@ -28,12 +28,12 @@ from shardcache._events import Events, report_failure
 from shardcache._flows import Call, Compute, Each, Fanout, Flow, Probe, Quiet, Sleep
 from shardcache._membership import Membership
 from shardcache._options import Options
-from shardcache._prober import Prober, forget_flow, probe_flow
+from shardcache._prober import Prober, drive_pass, prober_pass
 from shardcache._protocol import NEED_DATA, NOOP, Expect, ReplyParser
 from shardcache._router import CallKind, Router
 from shardcache._topology import Node
 from shardcache.errors import NodeError, NodeTimeoutError, NodeUnavailableError
-from shardcache.health import DOWN, UP, Event
+from shardcache.health import DOWN, Event
 from shardcache.ring import Ring
 
 __all__ = ["Cluster", "FakeClock", "FakeExecutor", "FakeServer", "ManualProber"]
@@ -524,18 +524,8 @@ class Cluster:
     def prober_pass(self) -> None:
         """What one pass of the prober thread does: probe DOWN nodes that are due, make UP nodes
         forget what they must."""
-        topology = self.membership.topology
-        fleet = self.membership.prober.fleet
-        if fleet is not None:  # as Prober._fleet_step
-            self.run(fleet.publish_pending(topology))
-            if fleet.refresh_due():
-                self.run(fleet.refresh_flow(topology))
-        for node in list(topology.all_nodes()):
-            if node.health.state == DOWN:
-                if node.health.begin_probe():
-                    self.run(probe_flow(node, lambda: self.membership.topology, self.events, fleet))
-            elif node.health.state == UP and node.has_work():
-                self.run(forget_flow(node, lambda: self.membership.topology, self.events))
+        one_pass = prober_pass(lambda: self.membership.topology, self.events, self.membership.prober.fleet)
+        drive_pass(one_pass, self.run, lambda: False)
 
     def close(self) -> None:
         self.membership.close()

@@ -21,8 +21,9 @@ SERVERS = ["10.0.0.1:11211", ("10.0.0.2", 11211), "10.0.0.3:11211:2"]
 
 
 PUBLIC_API = [
-    "ArgumentError", "CasConflictError", "CasToken", "Client", "CommandError", "CompressedSerde",
-    "ConfigurationError", "DefaultSerde", "Event", "KeyValidationError", "Lock", "LockError", "NodeError",
+    "ArgumentError", "AsyncClient", "CasConflictError", "CasToken", "Client", "CommandError",
+    "CompressedSerde", "ConfigurationError", "DefaultSerde", "Event", "KeyValidationError", "Lock",
+    "LockError", "NodeError",
     "NodeSpec", "NodeTimeoutError", "NodeUnavailableError", "PickleSerde", "ProtocolError", "RebalanceReport",
     "Ring", "RingDiff", "Serde", "SerializationError", "ServerError", "ShardcacheError", "SignedPickleSerde",
     "ValueTooLargeError", "__version__", "default_serde", "dns_discovery", "parse_nodes",
