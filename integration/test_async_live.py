@@ -129,8 +129,12 @@ def test_failover_under_remap_with_a_killed_and_a_blackholed_node(
                 else:
                     assert value is None  # moved keys miss on their stand-in: never stale
             moved = [k for k in keys if client.node_for(k) in dead][:50]
-            assert await client.set_many({k: f"new-{k}" for k in moved}) == []
-            assert await client.get_many(moved) == {k: f"new-{k}" for k in moved}
+            # with two of four nodes down, a key whose stand-in (the next node) is down too, or whose
+            # journal buddy is, is not written elsewhere (as fail_fast): never two stand-ins
+            failed = await client.set_many({k: f"new-{k}" for k in moved})
+            written = [k for k in moved if k not in failed]
+            assert written and len(written) + len(failed) == len(moved)
+            assert await client.get_many(moved) == {k: f"new-{k}" for k in written}
 
     run(scenario())
 
