@@ -55,6 +55,8 @@ def _owners(core: Core, hashed: Hashed) -> list[tuple[bytes, bytes, Node]]:
 def _drop_untaggable(plan: Plan, owners: dict[bytes, Node], encoded: dict[bytes, tuple[bytes, int]]) -> None:
     """Keys for stand-ins whose flags leave no room for the stand-in tag: not written there, and
     reported as keys of a node that is down."""
+    if not owners:
+        return  # nothing goes to a stand-in (the usual case: no loop over the keys)
     for target_id, group in list(plan.groups.items()):
         for wire in [w for w in group if w in owners and encoded[w][1] > USER_FLAGS]:
             del group[wire]
