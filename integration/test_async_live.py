@@ -14,18 +14,10 @@ from typing import Any
 
 import pytest
 import uvloop
+from test_failover import FAST  # the same short timeouts as the sync failover tests
 
 from shardcache import AsyncClient, Client, NodeUnavailableError
 from shardcache.testing import FaultProxy, LocalCluster
-
-TIMEOUT = 0.3
-FAST = {
-    "connect_timeout": TIMEOUT,
-    "timeout": TIMEOUT,
-    "failure_threshold": 2,
-    "retry_interval_s": 0.2,
-    "max_retry_interval_s": 0.5,
-}
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
