@@ -205,3 +205,35 @@ def test_a_process_started_during_an_outage_knows_of_it_before_its_first_read(
     with Client(specs, **options) as newcomer:
         first = [newcomer.get(key) for key in acked]
     assert "old" not in first, first
+
+
+@pytest.mark.parametrize("fleet", [True, False], ids=["fleet", "per-process-only"])
+def test_scale_out_then_the_new_node_fails_serves_no_pre_move_value(
+    fresh_cluster: Callable[..., LocalCluster], fault_proxy: Callable[..., FaultProxy], fleet: bool
+) -> None:
+    """Issue 11, item 2: the fleet grows from two nodes to three; a worker started after the change
+    updates keys that moved to the new node (nothing deletes the previous owner's copy: this worker
+    never had the old ring), then the new node fails. The stand-in, the next node clockwise, is
+    often the keys' previous owner, still holding its pre-move value: a stand-in serves only
+    copies tagged with the current outage, never that one."""
+    cluster = fresh_cluster(3)
+    proxies = [fault_proxy(node) for node in cluster.nodes]
+    specs = [proxy.spec for proxy in proxies]
+    options: dict[str, Any] = {**FAST, "failover": "remap", "fleet_refresh_s": REFRESH_S if fleet else None}
+    keys = [f"book/{i}" for i in range(400)]
+    with Client(specs[:2], **options) as before_change:
+        assert before_change.set_many({k: "pre-move" for k in keys}) == []
+        old_owner = {k: before_change.node_for(k) for k in keys}
+    with Client(specs, **options) as worker:
+        moved = [k for k in keys if worker.node_for(k) == specs[2]]
+        exposed = [k for k in moved if worker.ring.preference_list(k, 2)[1] == old_owner[k]]
+        assert len(exposed) >= 10
+        assert worker.set_many({k: "post-move" for k in exposed}) == []
+        proxies[2].blackhole()
+        deadline = time.monotonic() + 10
+        while worker.node_states()[specs[2]] == "up" and time.monotonic() < deadline:
+            worker.get_many(exposed[:5])  # calls time out until the node is marked down
+        assert worker.node_states()[specs[2]] != "up"
+        values = worker.get_many(exposed) | {k: worker.get(k) for k in exposed[:5]}
+        proxies[2].heal()
+    assert "pre-move" not in values.values(), sum(v == "pre-move" for v in values.values())
